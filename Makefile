@@ -1,0 +1,33 @@
+# `make demo`: set up .venv, prepare the default data, fine-tune on CPU, print the metrics.
+# `make test`: set up .venv, prepare the data, run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup data demo test clean
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# deepspeed builds from source against the torch above: no build isolation
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) -m fine_tune.prepare_data
+
+demo: data
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
+		train.py --config recipes/sentiment.yaml --overwrite_output_dir
+
+test: data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,445 @@
+"""Data: load (hub or local files), check, label, tokenize, collate, and batch by optimizer step.
+
+The batching is what makes every topology compute the same thing. :class:`StepSampler`
+cuts each epoch's shuffled order into *optimizer steps* of ``global_batch =
+per_device_batch x processes x accumulation`` examples, then deals each step out to
+micro-steps and ranks. One process with batch 8, one with 4 x 2 accumulation and two
+with batch 4 therefore see the same examples in each optimizer step, and a short last
+step is split the same way everywhere. The order depends only on (seed, epoch), so a
+resumed run continues at the next unseen step without reading the skipped data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from fine_tune.errors import UserError
+
+IGNORE_INDEX = -100
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# ------------------------------------------------------------------ loading
+def _file_type(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise UserError(f"{path}: unsupported file type {suffix!r}; use one of "
+                        f"{', '.join(sorted(FILE_TYPES))}")
+    return FILE_TYPES[suffix]
+
+
+def _first_bad_row(path: str, kind: str) -> str:
+    """Find where a file that failed to load goes wrong, to name the line in the error."""
+    try:
+        if kind == "json":
+            import json
+
+            with open(path, encoding="utf-8") as f:
+                head = f.read(1).strip()
+            if head == "[":
+                json.loads(Path(path).read_text(encoding="utf-8"))
+                return ""
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line)
+                        except json.JSONDecodeError as e:
+                            return f"line {lineno}: {e.msg}"
+        elif kind == "csv":
+            import pandas as pd
+
+            pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - we only want its message
+        return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return ""
+
+
+def _load_local_file(path: str):
+    import datasets
+
+    if not Path(path).is_file():
+        raise UserError(f"data file {path} does not exist; check the path given to --train_file, "
+                        "--validation_file or --test_file")
+    kind = _file_type(path)
+    kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
+    try:
+        return datasets.load_dataset(kind, data_files={"data": path}, split="data", **kwargs)
+    except Exception as e:  # datasets wraps parser errors; find the row ourselves
+        where = _first_bad_row(path, kind)
+        detail = where or (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise UserError(f"{path} is not valid {kind.upper()}: {detail}") from None
+
+
+def load_raw_splits(cfg) -> dict:
+    """Return {'train', 'validation'[, 'test']} as datasets.Dataset objects."""
+    import datasets
+
+    if cfg.dataset_name:
+        try:
+            raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
+        except Exception as e:  # noqa: BLE001 - no hub, unknown name, ...
+            raise UserError(f"could not load data set {cfg.dataset_name!r}: {str(e).splitlines()[0]}. "
+                            "Without the hub, use --train_file/--validation_file") from None
+        splits = dict(raw)
+    elif cfg.train_file or cfg.validation_file or cfg.test_file:
+        splits = {}
+        for split, path in (("train", cfg.train_file), ("validation", cfg.validation_file),
+                            ("test", cfg.test_file)):
+            if path:
+                splits[split] = _load_local_file(path)
+    else:
+        raise UserError("no data: give --dataset_name (hub) or --train_file (local csv/json/jsonl/parquet); "
+                        "`python -m fine_tune.prepare_data` makes the default data set")
+    if "validation" not in splits:
+        if "test" in splits:  # hub sets like yelp_review_full have only train/test
+            splits["validation"] = splits.pop("test")
+        elif "train" in splits and cfg.validation_split_percentage > 0:
+            held = splits["train"].train_test_split(test_size=cfg.validation_split_percentage / 100,
+                                                    seed=cfg.seed)
+            splits["train"], splits["validation"] = held["train"], held["test"]
+    if cfg.max_train_samples and "train" in splits:
+        splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
+    for split in ("validation", "test"):
+        if cfg.max_eval_samples and split in splits:
+            splits[split] = splits[split].select(range(min(cfg.max_eval_samples, len(splits[split]))))
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise UserError(f"the {split} split has no rows (after --max_train_samples/--max_eval_samples); "
+                            "check the data file and those options")
+    return splits
+
+
+def check_columns(ds, needed: dict, split: str) -> None:
+    for flag, column in needed.items():
+        if column and column not in ds.column_names:
+            raise UserError(f"the {split} data has no column {column!r} (set by --{flag}); "
+                            f"its columns are: {', '.join(ds.column_names)}")
+
+
+# ------------------------------------------------------------------ labels
+@dataclass
+class LabelInfo:
+    names: list[str]  # empty for regression
+
+    @property
+    def num_labels(self) -> int:
+        return max(len(self.names), 1)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, str) and value.strip() == "")
+
+
+def infer_labels(splits: dict, cfg) -> LabelInfo:
+    """Label names from the data: a ClassLabel's names, sorted strings, or 0..max for ints."""
+    from datasets import ClassLabel, Sequence
+
+    if cfg.task == "regression":
+        for split, ds in splits.items():
+            values = ds[cfg.label_column]
+            bad = next((i for i, v in enumerate(values) if _is_missing(v) or isinstance(v, str)), None)
+            if bad is not None:
+                raise UserError(f"the {split} data has a missing or non-numeric label in row {bad} "
+                                f"(column {cfg.label_column!r}); regression needs a number in every row")
+        return LabelInfo(names=[])
+
+    column = cfg.tags_column if cfg.task == "token-classification" else cfg.label_column
+    feature = splits["train"].features[column] if "train" in splits else None
+    if cfg.task == "token-classification" and isinstance(feature, Sequence):
+        feature = feature.feature
+    elif cfg.task == "token-classification" and isinstance(feature, list):
+        feature = feature[0]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        seen = set()
+        for split, ds in splits.items():
+            for row, value in enumerate(ds[column]):
+                values = value if cfg.task == "token-classification" else [value]
+                if cfg.task == "token-classification" and not isinstance(value, (list, tuple)):
+                    raise UserError(f"the {split} data column {column!r} must hold a list of tags per "
+                                    f"row (row {row} holds {value!r})")
+                for v in values:
+                    if _is_missing(v):
+                        raise UserError(f"the {split} data has an empty or NaN label in row {row} "
+                                        f"(column {column!r}); fill or drop that row")
+                    seen.add(v)
+        if all(isinstance(v, str) for v in seen):
+            names = sorted(seen)
+        elif all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in seen):
+            ints = sorted(int(v) for v in seen)
+            if ints[0] < 0:
+                raise UserError(f"label {ints[0]} in column {column!r} is negative; "
+                                "integer labels must be 0..num_labels-1")
+            names = [str(i) for i in range(ints[-1] + 1)]
+        else:
+            raise UserError(f"column {column!r} mixes label types ({sorted({type(v).__name__ for v in seen})}); "
+                            "use all strings or all integers")
+    if len(names) < 2:
+        raise UserError(f"column {column!r} has only {len(names)} distinct label(s); "
+                        "classification needs at least 2")
+    if isinstance(feature, ClassLabel):  # hub ints: check range
+        for split, ds in splits.items():
+            values = ds[column]
+            flat = [v for row in values for v in row] if cfg.task == "token-classification" else values
+            bad = [v for v in flat if v is None or not (0 <= int(v) < len(names))]
+            if bad:
+                raise UserError(f"the {split} data has label {bad[0]} outside 0..{len(names) - 1} "
+                                f"(num_labels={len(names)})")
+    return LabelInfo(names=names)
+
+
+def _label_to_id(value, info: LabelInfo) -> int:
+    if isinstance(value, str):
+        return info.label2id[value]
+    return int(value)
+
+
+# ------------------------------------------------------------------ tokenize
+def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
+    """Tokenize every split once (datasets caches the result by fingerprint)."""
+    pad_to_max = cfg.padding == "max_length"
+    label2id = info.label2id
+
+    def encode_text(batch):
+        texts = batch[cfg.text_column]
+        pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        texts = ["" if t is None else str(t) for t in texts]
+        if pairs is not None:
+            pairs = ["" if t is None else str(t) for t in pairs]
+        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length,
+                        padding="max_length" if pad_to_max else False)
+        if cfg.task == "regression":
+            enc["labels"] = [float(v) for v in batch[cfg.label_column]]
+        else:
+            labels = []
+            for v in batch[cfg.label_column]:
+                lid = label2id[v] if isinstance(v, str) else int(v)
+                if not 0 <= lid < len(label2id):
+                    raise UserError(f"label {v!r} is outside 0..{len(label2id) - 1} (num_labels={len(label2id)})")
+                labels.append(lid)
+            enc["labels"] = labels
+        enc["n_units"] = [1] * len(texts)
+        enc["length"] = [sum(m) for m in enc["attention_mask"]]
+        return enc
+
+    def encode_words(batch):
+        enc = tokenizer(batch[cfg.tokens_column], is_split_into_words=True, truncation=True,
+                        max_length=cfg.max_length, padding="max_length" if pad_to_max else False)
+        all_labels = []
+        for i, tags in enumerate(batch[cfg.tags_column]):
+            ids = [label2id[t] if isinstance(t, str) else int(t) for t in tags]
+            all_labels.append(align_labels(enc.word_ids(i), ids, cfg.label_all_tokens))
+        enc["labels"] = all_labels
+        enc["n_units"] = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in all_labels]
+        enc["length"] = [sum(m) for m in enc["attention_mask"]]
+        return enc
+
+    fn = encode_words if cfg.task == "token-classification" else encode_text
+    out = {}
+    for split, ds in splits.items():
+        needed = ({"tokens_column": cfg.tokens_column, "tags_column": cfg.tags_column}
+                  if cfg.task == "token-classification" else
+                  {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+                   "label_column": cfg.label_column})
+        check_columns(ds, needed, split)
+        out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names,
+                            num_proc=cfg.preprocessing_num_workers, desc=f"tokenizing {split}")
+    return out
+
+
+def align_labels(word_ids: list, word_labels: list[int], label_all_tokens: bool) -> list[int]:
+    """Give each sub-word token its word's label: the first sub-token of a word always,
+    the others only with ``label_all_tokens`` (else -100); special tokens get -100."""
+    labels, previous = [], None
+    for wid in word_ids:
+        if wid is None:
+            labels.append(IGNORE_INDEX)
+        elif wid != previous:
+            labels.append(word_labels[wid])
+        else:
+            labels.append(word_labels[wid] if label_all_tokens else IGNORE_INDEX)
+        previous = wid
+    return labels
+
+
+# ------------------------------------------------------------------ collate
+class Collator:
+    """Pad a list of examples into a batch; examples given as negative indices are
+    stand-ins (weight 0) for a rank that has no real example in a micro-step."""
+
+    def __init__(self, tokenizer, cfg):
+        from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+        padding = "max_length" if cfg.padding == "max_length" else "longest"
+        if cfg.task == "token-classification":
+            self.pad = DataCollatorForTokenClassification(
+                tokenizer, padding=padding, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of)
+        else:
+            self.pad = DataCollatorWithPadding(
+                tokenizer, padding=padding, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of)
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        weights = [f.pop("weight", 1.0) for f in features]
+        for f in features:
+            f.pop("n_units", None)
+            f.pop("length", None)
+        batch = self.pad(features)
+        batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+
+class IndexedDataset:
+    """Map the sampler's indices to examples; index -(i+1) is example i with weight 0."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, idx: int) -> dict:
+        if idx < 0:
+            example = dict(self.ds[-idx - 1])
+            example["weight"] = 0.0
+            return example
+        return dict(self.ds[idx])
+
+
+# ------------------------------------------------------------------ sampler
+class StepSampler:
+    """Yield this rank's micro-batches (lists of dataset indices), step by step.
+
+    Each epoch: a permutation seeded by (seed, epoch); with ``group_by_length``, it is cut
+    into mega-batches of 16 optimizer steps, each sorted by length, and the steps of the
+    epoch are then shuffled, so batches hold similar lengths but come in random order.
+    Each optimizer step of n <= global_batch examples is split into ceil(n / (world x
+    micro_batch)) micro-steps, and each micro-step's examples as evenly as possible over
+    the ranks. A rank left with nothing gets a weight-0 stand-in so that every rank runs
+    the same number of forward/backward passes (collectives stay matched).
+    """
+
+    MEGA_STEPS = 16
+
+    def __init__(self, lengths, n_units, micro_batch: int, accumulation: int, world: int, rank: int,
+                 seed: int, group_by_length: bool):
+        self.lengths = np.asarray(lengths)
+        self.n_units = np.asarray(n_units)
+        self.micro_batch, self.accumulation = micro_batch, accumulation
+        self.world, self.rank = world, rank
+        self.seed, self.group_by_length = seed, group_by_length
+        self.global_batch = micro_batch * accumulation * world
+
+    def __len__(self) -> int:  # optimizer steps per epoch
+        return math.ceil(len(self.lengths) / self.global_batch)
+
+    def epoch_steps(self, epoch: int) -> list[np.ndarray]:
+        """All optimizer steps of an epoch, as arrays of global indices (same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        g = self.global_batch
+        if not self.group_by_length:
+            return [order[i:i + g] for i in range(0, len(order), g)]
+        mega = g * self.MEGA_STEPS
+        steps = []
+        for start in range(0, len(order), mega):
+            chunk = order[start:start + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            steps += [chunk[i:i + g] for i in range(0, len(chunk), g)]
+        perm = rng.permutation(len(steps))
+        return [steps[i] for i in perm]
+
+    def micro_batches(self, step: np.ndarray) -> list[list[int]]:
+        """This rank's micro-batches of one optimizer step."""
+        per_micro = self.micro_batch * self.world
+        out = []
+        for start in range(0, len(step), per_micro):
+            micro = step[start:start + per_micro]
+            mine = np.array_split(micro, self.world)[self.rank]
+            out.append([int(i) for i in mine] if len(mine) else [-(int(micro[0]) + 1)])
+        return out
+
+    def units(self, step: np.ndarray) -> int:
+        """Loss units (examples, or labelled tokens) of a step, over all ranks."""
+        return int(self.n_units[step].sum())
+
+    def tokens(self, step: np.ndarray) -> int:
+        return int(self.lengths[step].sum())
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step, from this rank's point of view."""
+    micro_batches: list  # collated batches
+    units: int  # loss units of the whole step, all ranks
+    examples: int  # examples of the whole step, all ranks
+    tokens: int  # non-padding tokens of the whole step, all ranks
+
+
+class StepLoader:
+    """Iterate optimizer steps of one epoch from a given position, collating on the fly
+    (in worker processes when ``num_workers`` > 0)."""
+
+    def __init__(self, dataset, sampler: StepSampler, collator, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset = IndexedDataset(dataset)
+        self.sampler = sampler
+        self.collator = collator
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def iterate(self, epoch: int, start_step: int = 0) -> Iterator[StepBatch]:
+        import torch
+
+        steps = self.sampler.epoch_steps(epoch)[start_step:]
+        plan = [self.sampler.micro_batches(s) for s in steps]
+        flat = [mb for micro in plan for mb in micro]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=flat, collate_fn=self.collator, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=False)
+        it = iter(loader)
+        for step, micro in zip(steps, plan):
+            yield StepBatch(micro_batches=[next(it) for _ in micro], units=self.sampler.units(step),
+                            examples=len(step), tokens=self.sampler.tokens(step))
+
+
+def eval_dataloader(dataset, collator, batch_size: int, num_workers: int = 0):
+    """Evaluation batches, sorted by length (less padding); order does not matter for metrics."""
+    import torch
+
+    order = np.argsort(-np.asarray(dataset["length"]), kind="stable")
+    return torch.utils.data.DataLoader(
+        IndexedDataset(dataset.select(order)), batch_size=batch_size, shuffle=False,
+        collate_fn=collator, num_workers=num_workers)
+
+
+def data_fingerprint(cfg) -> Optional[str]:
+    """Identify the training data (for the checkpoint's config check)."""
+    if cfg.train_file and os.path.exists(cfg.train_file):
+        st = os.stat(cfg.train_file)
+        return f"{cfg.train_file}:{st.st_size}"
+    return cfg.dataset_name

