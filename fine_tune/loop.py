@@ -196,7 +196,8 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
             golds.append(target.cpu())
     model.train()
     total_units = float(torch.cat(units).sum())
-    result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0)}
+    result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0),
+              "samples": sum(len(u) for u in units)}  # each example once, whatever the world size
     if cfg.task == "token-classification":
         width = max(p.shape[1] for p in preds)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100)  # noqa: E731

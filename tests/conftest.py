@@ -107,12 +107,15 @@ def load_weights(folder: Path) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+def max_change(a: dict, init: dict) -> float:
+    return max(float((a[k].float() - init[k].float()).abs().max()) for k in a if k in init)
+
+
 def relative_difference(a: dict, b: dict, init: dict) -> float:
     """Largest weight difference over the largest weight change from init (whole model, not
     per tensor: tensors without a true gradient hold only float noise)."""
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    change = max(float((a[k].float() - init[k].float()).abs().max()) for k in a if k in init)
-    return diff / change
+    return diff / max_change(a, init)
 
 
 def read_metrics(out: Path) -> list[dict]:

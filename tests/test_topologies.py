@@ -1,0 +1,125 @@
+"""One loop, every topology, the same numbers.
+
+Tiny BERT, dropout off, float32, the same data (61 examples: the last optimizer step is
+short and splits unevenly over two ranks) and the same *global* batch of 8. After 8
+optimizer steps the weights of every topology must match one process with batch 8 to
+TOLERANCE of the largest weight change. Real processes: `accelerate launch` with gloo,
+and a real DeepSpeed engine on its CPU accelerator.
+"""
+
+import socket
+import subprocess
+
+import pytest
+
+from conftest import ENV, ROOT, launch_cmd, max_change, read_metrics, relative_difference, run_train, train_args
+
+TOLERANCE = 1e-4
+STEPS = 8
+
+
+def reloaded(folder):
+    """Weights as a plain from_pretrained model sees them (ZeRO-3's final/ included)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    from conftest import make_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("topologies")
+    files = {"train": write_jsonl(tmp / "train.jsonl", make_rows(61, seed=1)),
+             "validation": write_jsonl(tmp / "validation.jsonl", make_rows(23, seed=2))}
+    out = tmp / "single_b8"
+    run_train(train_args(tiny_model, files, out, per_device_train_batch_size=8, max_steps=STEPS))
+    return {"files": files, "tmp": tmp, "weights": reloaded(out / "final"), "init": reloaded(tiny_model),
+            "metrics": read_metrics(out)}
+
+
+TOPOLOGIES = {
+    # name: (accelerate config, processes, per-device batch, accumulation)
+    "1 process, 4 x 2 accumulation": (None, None, 4, 2),
+    "2 processes (gloo), batch 4": ("cpu_ddp.yaml", 2, 4, 1),
+    "2 processes, 2 x 2 accumulation": ("cpu_ddp.yaml", 2, 2, 2),
+    "DeepSpeed ZeRO-2, 2 processes": ("deepspeed_zero2.yaml", 2, 4, 1),
+    "DeepSpeed ZeRO-3, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+def test_same_weights_as_one_process(name, reference, tiny_model):
+    config, nproc, bs, acc = TOPOLOGIES[name]
+    out = reference["tmp"] / name.replace(" ", "_").replace(",", "")
+    proc = run_train(train_args(tiny_model, reference["files"], out, per_device_train_batch_size=bs,
+                                gradient_accumulation_steps=acc, max_steps=STEPS), config, nproc)
+    assert f"({nproc or 1} process(es) x {bs} x {acc} accumulation)" in proc.stdout
+    weights = reloaded(out / "final")  # ZeRO-3: the gathered full weights, reloaded by from_pretrained
+    assert max_change(reference["weights"], reference["init"]) > 1e-2  # it trained
+    assert relative_difference(weights, reference["weights"], reference["init"]) < TOLERANCE
+    # the logged loss is the global step mean (all ranks), not rank 0's
+    mine = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    ref = [r["loss"] for r in reference["metrics"] if "loss" in r]
+    assert mine == pytest.approx(ref, rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_emulated_nodes(reference, tiny_model):
+    """Two `accelerate launch` commands, one process each, meeting over 127.0.0.1."""
+    out = reference["tmp"] / "two_nodes"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        extra = ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+        cmd = launch_cmd("cpu_ddp.yaml", 2, extra)
+        cmd[cmd.index("--main_process_port") + 1] = port
+        args = train_args(tiny_model, reference["files"], out, per_device_train_batch_size=4, max_steps=STEPS)
+        procs.append(subprocess.Popen(cmd + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert all("(2 process(es) x 4 x 1 accumulation)" in log for log in logs)
+    assert relative_difference(reloaded(out / "final"), reference["weights"], reference["init"]) < TOLERANCE
+
+
+def test_scheduler_sequence_identical_on_one_and_two_processes(reference, tiny_model):
+    for scheduler, extra in (("cosine", {}), ("step", {"lr_scheduler_kwargs": '{"step_size": 3, "gamma": 0.5}'}),
+                             ("plateau", {"lr_scheduler_kwargs": '{"patience": 0, "factor": 0.5}',
+                                          "eval_strategy": "steps", "eval_steps": 2})):
+        lrs = []
+        for config, nproc, bs in ((None, None, 8), ("cpu_ddp.yaml", 2, 4)):
+            out = reference["tmp"] / f"sched_{scheduler}_{nproc}"
+            run_train(train_args(tiny_model, reference["files"], out, per_device_train_batch_size=bs,
+                                 max_steps=STEPS, lr_scheduler_type=scheduler, warmup_steps=2, **extra),
+                      config, nproc)
+            lrs.append([r["learning_rate"] for r in read_metrics(out) if "learning_rate" in r])
+        assert len(lrs[0]) == STEPS
+        assert lrs[0] == pytest.approx(lrs[1], rel=1e-9), scheduler
+        if scheduler == "step":
+            assert lrs[0][:6] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4])
+
+
+def test_linear_schedule_is_not_multiplied_by_processes(reference):
+    """linear over 8 steps on 2 processes: the rate reaches 0 at the end, not at step 4."""
+    lrs = [r["learning_rate"] for r in reference["metrics"] if "learning_rate" in r]
+    assert lrs == pytest.approx([1e-3 * (STEPS - s) / STEPS for s in range(1, STEPS + 1)])
+
+
+def test_two_process_evaluation_counts_each_example_once(tiny_model, reference):
+    """23 eval examples (odd) over 2 processes with batch 8: same metrics as 1 process."""
+    results = []
+    for config, nproc in ((None, None), ("cpu_ddp.yaml", 2)):
+        out = reference["tmp"] / f"eval_{nproc}"
+        run_train(train_args(tiny_model, reference["files"], out, max_steps=1, learning_rate=1e-12,
+                             per_device_eval_batch_size=8), config, nproc)
+        results.append([r for r in read_metrics(out) if "eval_loss" in r][-1])
+    one, two = results
+    assert one["eval_samples"] == two["eval_samples"] == 23
+    for key in ("eval_loss", "eval_accuracy", "eval_f1_weighted", "eval_f1_macro"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
