@@ -25,7 +25,7 @@ from fine_tune.config import MATHS_FIELDS, TrainConfig, save_config
 from fine_tune.errors import UserError
 
 STATE_FILE = "train_state.json"
-CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: fail between write and rename
+CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename
 
 
 @dataclass
@@ -98,7 +98,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        if os.environ.get(CRASH_HOOK_ENV):
+        if os.environ.get(CRASH_HOOK_ENV) == str(state.global_step):
             raise RuntimeError(f"{CRASH_HOOK_ENV} is set: simulated crash before renaming {tmp.name}")
         if final.exists():
             shutil.rmtree(final)

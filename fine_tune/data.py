@@ -418,9 +418,12 @@ class StepLoader:
         steps = self.sampler.epoch_steps(epoch)[start_step:]
         plan = [self.sampler.micro_batches(s) for s in steps]
         flat = [mb for micro in plan for mb in micro]
+        # A private generator: a DataLoader iterator draws a seed from the global torch RNG
+        # otherwise, and a resumed run would create its iterator at another point of the
+        # dropout RNG stream than the run it continues (no longer bit-exact).
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=flat, collate_fn=self.collator, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=False)
+            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.sampler.seed + epoch))
         it = iter(loader)
         for step, micro in zip(steps, plan):
             yield StepBatch(micro_batches=[next(it) for _ in micro], units=self.sampler.units(step),
@@ -434,7 +437,7 @@ def eval_dataloader(dataset, collator, batch_size: int, num_workers: int = 0):
     order = np.argsort(-np.asarray(dataset["length"]), kind="stable")
     return torch.utils.data.DataLoader(
         IndexedDataset(dataset.select(order)), batch_size=batch_size, shuffle=False,
-        collate_fn=collator, num_workers=num_workers)
+        collate_fn=collator, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
 
 
 def data_fingerprint(cfg) -> Optional[str]:

@@ -97,7 +97,9 @@ def run_train(args: list[str], accelerate_config: str | None = None, nproc: int 
     proc = subprocess.run(launch_cmd(accelerate_config, nproc, extra_launch) + args, cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        errors = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+        raise AssertionError(f"train.py failed ({proc.returncode}): {errors}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 
