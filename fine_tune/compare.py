@@ -405,9 +405,16 @@ def render(runs: list[Run], sort_by: Optional[str] = None, fmt: str = "markdown"
         return json.dumps([{c: r.get(c) for c in columns} for r in table_rows], indent=2) + "\n"
     if fmt == "csv":
         return format_table(columns, [[r.get(c) for c in columns] for r in table_rows], "csv")
-    cells = [[fmt_duration(r.get(c)) if c == "wall_time_s" else
-              (f"{r[c]:.1f}" if c == "samples_per_second" and _is_number(r.get(c)) else fmt_value(r.get(c)))
-              for c in columns] for r in table_rows]
+    def cell(column: str, value) -> str:
+        if column == "wall_time_s":
+            return fmt_duration(value)
+        if isinstance(value, float) and column == "samples_per_second":
+            return f"{value:.1f}"
+        if isinstance(value, float) and column.startswith(("best_", "final_", "test_")):
+            return f"{value:.4f}"  # metrics: fixed decimals, so that columns line up
+        return fmt_value(value)
+
+    cells = [[cell(c, r.get(c)) for c in columns] for r in table_rows]
     headers = ["wall_time" if c == "wall_time_s" else c for c in columns]
     numeric = [c == "wall_time_s" or (any(_is_number(r.get(c)) for r in table_rows)
                                       and all(_is_number(r.get(c)) or r.get(c) is None for r in table_rows))

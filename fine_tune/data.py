@@ -65,7 +65,7 @@ def _first_bad_row(path: str, kind: str) -> str:
     return ""
 
 
-def _load_local_file(path: str):
+def load_local_file(path: str):
     import datasets
 
     if not Path(path).is_file():
@@ -97,7 +97,7 @@ def load_raw_splits(cfg) -> dict:
         for split, path in (("train", cfg.train_file), ("validation", cfg.validation_file),
                             ("test", cfg.test_file)):
             if path:
-                splits[split] = _load_local_file(path)
+                splits[split] = load_local_file(path)
     else:
         raise UserError("no data: give --dataset_name (hub) or --train_file (local csv/json/jsonl/parquet); "
                         "`python -m fine_tune.prepare_data` makes the default data set")

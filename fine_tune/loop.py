@@ -104,14 +104,19 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # else ZeRO-3 saves empty weights
 
 
-def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+def check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    """Refuse to write into another run's folder (checked before any work, changes nothing)."""
     out = Path(cfg.output_dir)
-    previous = out / "config.yaml"
-    if previous.exists() and not resuming and not cfg.overwrite_output_dir \
+    if (out / "config.yaml").exists() and not resuming and not cfg.overwrite_output_dir \
             and cfg.resume_from_checkpoint != "latest":
         raise UserError(f"{out} already holds a run (config.yaml); pass --overwrite_output_dir to replace it, "
                         "--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-    if cfg.overwrite_output_dir and not resuming:
+
+
+def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    """A fresh start clears what a previous run left (overwrite, or 'latest' with no checkpoint)."""
+    out = Path(cfg.output_dir)
+    if not resuming and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint == "latest"):
         for name in ("checkpoints", "final", "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metrics.jsonl", "eval_results.json"):
@@ -246,22 +251,23 @@ def run(cfg: TrainConfig) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     if resume_path is not None:
         C.check_compatible(resume_path, cfg, world)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, resuming=resume_path is not None)
-        if cfg.resume_from_checkpoint == "latest" and resume_path is None:
-            accelerator.print(f"no checkpoint in {C.checkpoints_dir(cfg.output_dir)} yet: starting fresh")
-            (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    check_output_dir(cfg, resuming=resume_path is not None)
     set_seed(cfg.seed)
     extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
 
     tokenizer = load_tokenizer(cfg)
+    error = None
     with accelerator.main_process_first():  # tokenize once; the others read the cache
-        splits = D.load_raw_splits(cfg)
-        if "train" not in splits:
-            raise UserError("no training data: give --train_file or a --dataset_name with a train split")
-        labels = D.infer_labels(splits, cfg)
-        tokenized = D.tokenize_splits(splits, tokenizer, cfg, labels)
+        try:
+            splits = D.load_raw_splits(cfg)
+            if "train" not in splits:
+                raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+            labels = D.infer_labels(splits, cfg)
+            tokenized = D.tokenize_splits(splits, tokenizer, cfg, labels)
+        except UserError as e:  # leave the block so the other ranks are not stuck at its barrier
+            error = e
+    if error is not None:
+        raise error
     train_ds = tokenized["train"]
     if len(train_ds) < world:
         raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
@@ -294,8 +300,16 @@ def run(cfg: TrainConfig) -> dict:
         C.load_checkpoint(accelerator, resume_path)
         accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
                           f"(epoch {state.epoch}, step {state.step_in_epoch} of {steps_per_epoch})")
-        if accelerator.is_main_process:
+    # every input (data, model, checkpoint) is checked by now: only from here on is the output
+    # directory written, so a failed start never damages an earlier run
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, resuming=resume_path is not None)
+        if resume_path is not None:
             truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.global_step)
+        elif cfg.resume_from_checkpoint == "latest":
+            accelerator.print(f"no checkpoint in {C.checkpoints_dir(cfg.output_dir)} yet: starting fresh")
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    accelerator.wait_for_everyone()
     run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
                   "n_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
     tracker = Tracker(accelerator, cfg, state, run_config)

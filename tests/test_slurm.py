@@ -296,7 +296,7 @@ def test_sweep_runs_as_one_job_array_and_ends_with_a_comparison(slurm, tiny_mode
 
 
 def test_preemption_and_time_limit_requeue_and_resume_to_the_same_weights(slurm, tiny_model, tiny_files, tmp_path):
-    """Three jobs at once: an uninterrupted one, one preempted by `scancel --signal=USR2`, one
+    """Three 2-node jobs at once: an uninterrupted one, one preempted by `scancel --signal=USR2`, one
     that reaches its time limit (--time 2, the warning 50 s before it: slurmctld sends it at its
     first 30-second check past 120 - 50 - 30 = 40 s, so between 40 and 70 s into the run, and the
     requeued run, shorter than 40 s, finishes without one)."""
@@ -304,14 +304,14 @@ def test_preemption_and_time_limit_requeue_and_resume_to_the_same_weights(slurm,
     outs = {k: tmp_path / k for k in ("reference", "preempted", "timed_out")}
     env = {**slurm, "WANDB_MODE": "offline"}
     procs = {
-        "reference": submit_in_background(["--time", "10", "--wait", "--",
+        "reference": submit_in_background(["--nodes", "2", "--time", "10", "--wait", "--",
                                            *flags(tiny_model, tiny_files, outs["reference"], **common)],
                                           env, tmp_path / "reference.txt"),
-        "preempted": submit_in_background(["--time", "10", "--max_requeues", "3", "--wait", "--",
+        "preempted": submit_in_background(["--nodes", "2", "--time", "10", "--max_requeues", "3", "--wait", "--",
                                            *flags(tiny_model, tiny_files, outs["preempted"], report_to="wandb",
                                                   **common)], env, tmp_path / "preempted.txt"),
-        "timed_out": submit_in_background(["--time", "2", "--signal_delay_s", "50", "--max_requeues", "3", "--wait",
-                                           "--", *flags(tiny_model, tiny_files, outs["timed_out"], **common)],
+        "timed_out": submit_in_background(["--nodes", "2", "--time", "2", "--signal_delay_s", "50",
+                                           "--max_requeues", "3", "--wait", "--", *flags(tiny_model, tiny_files, outs["timed_out"], **common)],
                                           env, tmp_path / "timed_out.txt"),
     }
     try:
@@ -363,6 +363,8 @@ def check_preemption(procs, outs, env, tmp_path, tiny_model):
         assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log[-4000:]
         assert "stopped by a signal at step" in log and "requeueing (requeue 1 of at most 3)" in log
         assert re.search(r"resumed from .*checkpoints/step_\d+ at step \d+", log)
+        node1 = "\n".join(p.read_text() for p in (outs[name] / "slurm_logs").glob("*/*_1_log.out"))
+        assert "node 1 stopped after a checkpoint" in node1 and "SLURM_RESTART_COUNT=1" in node1
         final = load_weights(outs[name] / "final")
         assert relative_difference(final, ref, init) < 1e-6, name
         steps = [r["step"] for r in read_metrics(outs[name]) if "loss" in r]
@@ -372,3 +374,35 @@ def check_preemption(procs, outs, env, tmp_path, tiny_model):
     runs = {p.name.split("-")[-1] for p in (outs["preempted"] / "wandb").glob("offline-run-*")}
     assert len(runs) == 1, runs
     assert len(list((outs["preempted"] / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_plain_sbatch_script_runs_every_node_and_requeues_after_usr2(slurm, tiny_model, tiny_files, tmp_path):
+    out = tmp_path / "sbatch"
+    env = {**slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{slurm.get('PATH', '')}"}
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", "--time=10",
+                           str(ROOT / "slurm" / "train.sbatch"),
+                           *flags(tiny_model, tiny_files, out, max_steps=40, logging_steps=5, save_strategy="no")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, explain(proc)
+    jid = proc.stdout.strip().split(";")[0]
+    try:
+        wait_until(lambda: logged_steps(out), JOB_TIMEOUT, "the first steps")
+        subprocess.run(["scancel", "--batch", "--signal=USR2", jid], env=env, check=True)
+        wait_until(lambda: slurm_job_state(jid, env) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "?"),
+                   JOB_TIMEOUT, "the end of the job", poll=1)
+    finally:
+        subprocess.run(["scancel", jid], env=env, capture_output=True)
+    log = (tmp_path / f"slurm-{jid}.out").read_text(errors="replace")
+    assert slurm_job_state(jid, env) == "COMPLETED", log[-5000:]
+    assert "node 0 of 2 (node1)" in log and "node 1 of 2 (node2)" in log  # each node expanded its own rank
+    assert "(2 process(es) x 4 x 1 accumulation)" in log
+    assert "SLURM_RESTART_COUNT=1" in log and "requeueing job" in log
+    assert re.search(r"resumed from .*checkpoints/step_\d+", log)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(5, 41, 5))
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def slurm_job_state(jid: str, env: dict) -> str:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True)
+    found = re.search(r"JobState=(\S+)", proc.stdout)
+    return found.group(1) if found else "?"
