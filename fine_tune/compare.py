@@ -303,8 +303,9 @@ def _first_line(e: Exception) -> str:
 
 # ------------------------------------------------------------------ the comparison
 def _option_names(runs: list[Run]) -> list[str]:
-    from fine_tune.config import TrainConfig
     import dataclasses
+
+    from fine_tune.config import TrainConfig
 
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     seen = [k for r in runs for k in r.config]

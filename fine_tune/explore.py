@@ -191,7 +191,7 @@ def show_tokens(tokenizer, text: str) -> dict:
         "text": text, "tokens": tokens, "ids": ids, "num_tokens": len(ids),
         "special_tokens_in_text": [t for t, m in zip(tokens, mask) if m],
         "special_tokens": special_map,
-        "unknown_tokens": sum(1 for i in ids if i == tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0,
+        "unknown_tokens": sum(1 for i in ids if tokenizer.unk_token_id is not None and i == tokenizer.unk_token_id),
         "decoded": decoded, "decoded_without_special_tokens": plain, "round_trip": round_trip,
     }
 
@@ -338,13 +338,9 @@ def _regression_labels(splits, cfg, ref, n_examples) -> dict:
     }
 
 
-def _entity_type(tag: str) -> Optional[str]:
-    if tag in ("O", "", None):
-        return None
-    return tag[2:] if len(tag) > 2 and tag[1] in "-_" and tag[0] in "BIESLU" else tag
-
-
 def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
+    from fine_tune.metrics import extract_entities
+
     counts, entities, words, no_entity = {}, {}, {}, {}
     for name, ds in splits.items():
         tag_counter: Counter = Counter()
@@ -354,15 +350,9 @@ def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
             tags = [_display_label(t, names) for t in tags]
             tag_counter.update(tags)
             per_sentence.append(len(tags))
-            previous = None
-            found = 0
-            for tag in tags:
-                kind = _entity_type(tag)
-                if kind is not None and (tag.startswith(("B-", "B_", "S-", "U-")) or kind != previous):
-                    entity_counter[kind] += 1
-                    found += 1
-                previous = kind
-            empty += found == 0
+            spans = extract_entities(tags)  # as the entity F1 of evaluation reads them
+            entity_counter.update(kind for kind, _, _ in spans)
+            empty += not spans
         counts[name] = {t: int(tag_counter.get(t, 0)) for t in names}
         entities[name] = dict(sorted(entity_counter.items(), key=lambda kv: -kv[1]))
         words[name] = length_stats(per_sentence)
@@ -377,7 +367,7 @@ def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
     for i in range(len(ds)):
         row = ds[i]
         tags = [_display_label(t, names) for t in row[cfg.tags_column]]
-        if any(_entity_type(t) for t in tags):
+        if any(t != outside for t in tags):
             examples.append(" ".join(f"{w}/{t}" if t != outside else str(w)
                                      for w, t in zip(row[cfg.tokens_column], tags)))
         if len(examples) >= n_examples * 2:

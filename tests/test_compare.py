@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -108,7 +107,8 @@ def test_sorting_by_any_metric_in_every_format(runs):
     keys = [(-r["best_eval_accuracy"], r["run"]) for r in rows]
     assert keys == sorted(keys)
     f1 = json.loads(compare.table(dirs, sort_by="f1_macro", fmt="json"))
-    assert [(-r["best_eval_f1_macro"], r["run"]) for r in f1] == sorted((-r["best_eval_f1_macro"], r["run"]) for r in f1)
+    keys = [(-r["best_eval_f1_macro"], r["run"]) for r in f1]
+    assert keys == sorted(keys)
 
 
 def test_plot_is_a_real_image_labelled_by_what_differs(runs, tmp_path):
