@@ -22,7 +22,8 @@ import numpy as np
 from fine_tune.errors import UserError
 
 IGNORE_INDEX = -100
-FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+              ".conll": "conll", ".txt": "conll"}  # conll: one "word tag" per line, blank line between sentences
 
 
 # ------------------------------------------------------------------ loading
@@ -72,6 +73,16 @@ def load_local_file(path: str):
         raise UserError(f"data file {path} does not exist; check the path given to --train_file, "
                         "--validation_file or --test_file")
     kind = _file_type(path)
+    if kind == "conll":
+        from datasets import Dataset
+
+        from fine_tune.prepare_data import read_conll
+
+        rows = read_conll(Path(path).read_text(encoding="utf-8"))
+        if not rows:
+            raise UserError(f"{path} holds no sentences; CoNLL files have one 'word tag' per line and a blank "
+                            "line between sentences")
+        return Dataset.from_list(rows)  # columns: tokens, tags
     kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
     try:
         return datasets.load_dataset(kind, data_files={"data": path}, split="data", **kwargs)

@@ -92,8 +92,10 @@ def load_model(cfg, labels, tokenizer=None):
         config.pad_token_id = tokenizer.pad_token_id
     cls = AutoModelForTokenClassification if cfg.task == "token-classification" else AutoModelForSequenceClassification
     try:
-        model = cls.from_pretrained(name, config=config)
-    except (OSError, ValueError) as e:
+        # a head of another size (a checkpoint fine-tuned on other labels) is re-initialised,
+        # as the labels of this data ask; transformers reports it in its load report
+        model = cls.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as e:
         raise _wrap_load_error(name, e) from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
