@@ -74,6 +74,9 @@ class TrainConfig:
     tags_column: str = _opt("tags", "token classification: column with the list of tags", group="data")
     label_all_tokens: bool = _opt(False, "token classification: label every sub-token, not only the first",
                                   group="data")
+    label_names: Optional[str] = _opt(
+        None, "comma-separated label names in the order of the model's ids (default: the data's ClassLabel "
+        "names, sorted strings, or 0..max for integer labels)", group="data")
     validation_split_percentage: int = _opt(
         10, "percent of train held out for validation when the data has no validation split", group="data")
     max_train_samples: Optional[int] = _opt(None, "use only the first N training examples", group="data")

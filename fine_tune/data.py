@@ -180,7 +180,16 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
         feature = feature.feature
     elif cfg.task == "token-classification" and isinstance(feature, list):
         feature = feature[0]
-    if isinstance(feature, ClassLabel):
+    if cfg.label_names:
+        names = [n.strip() for n in cfg.label_names.split(",")]
+        allowed = set(names)
+        for split, ds in splits.items():
+            for row, value in enumerate(ds[column]):
+                for v in (value if cfg.task == "token-classification" else [value]):
+                    if str(v) not in allowed:
+                        raise UserError(f"the {split} data has label {v!r} in row {row}, which is not in "
+                                        f"--label_names ({', '.join(names)})")
+    elif isinstance(feature, ClassLabel):
         names = list(feature.names)
     else:
         seen = set()
@@ -209,7 +218,7 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
     if len(names) < 2:
         raise UserError(f"column {column!r} has only {len(names)} distinct label(s); "
                         "classification needs at least 2")
-    if isinstance(feature, ClassLabel):  # hub ints: check range
+    if isinstance(feature, ClassLabel) and not cfg.label_names:  # hub ints: check range
         for split, ds in splits.items():
             values = ds[column]
             flat = [v for row in values for v in row] if cfg.task == "token-classification" else values
@@ -218,12 +227,6 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
                 raise UserError(f"the {split} data has label {bad[0]} outside 0..{len(names) - 1} "
                                 f"(num_labels={len(names)})")
     return LabelInfo(names=names)
-
-
-def _label_to_id(value, info: LabelInfo) -> int:
-    if isinstance(value, str):
-        return info.label2id[value]
-    return int(value)
 
 
 # ------------------------------------------------------------------ tokenize
@@ -245,7 +248,7 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
         else:
             labels = []
             for v in batch[cfg.label_column]:
-                lid = label2id[v] if isinstance(v, str) else int(v)
+                lid = label2id[str(v)] if isinstance(v, str) or cfg.label_names else int(v)
                 if not 0 <= lid < len(label2id):
                     raise UserError(f"label {v!r} is outside 0..{len(label2id) - 1} (num_labels={len(label2id)})")
                 labels.append(lid)
@@ -259,7 +262,7 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
                         max_length=cfg.max_length, padding="max_length" if pad_to_max else False)
         all_labels = []
         for i, tags in enumerate(batch[cfg.tags_column]):
-            ids = [label2id[t] if isinstance(t, str) else int(t) for t in tags]
+            ids = [label2id[str(t)] if isinstance(t, str) or cfg.label_names else int(t) for t in tags]
             all_labels.append(align_labels(enc.word_ids(i), ids, cfg.label_all_tokens))
         enc["labels"] = all_labels
         enc["n_units"] = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in all_labels]

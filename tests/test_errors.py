@@ -175,3 +175,13 @@ def test_warmup_steps_int_or_ratio():
     assert parse_args(["--warmup_steps", "0.1"]).warmup_steps_for(200) == 20
     assert parse_args(["--warmup_steps", "30"]).warmup_steps_for(200) == 30
     assert parse_args(["--warmup_ratio", "0.25"]).warmup_steps_for(200) == 50
+
+
+def test_label_names_fix_the_order_and_reject_unknown_labels(finished_run, tiny_model):
+    fails(finished_run, tiny_model, "which is not in --label_names (negative, positive)",
+          label_names="negative,positive")
+    from fine_tune import data as D
+
+    cfg = parse_args(["--train_file", str(finished_run["files"]["train"]), "--validation_file",
+                      str(finished_run["files"]["validation"]), "--label_names", "positive,neutral,negative"])
+    assert D.infer_labels(D.load_raw_splits(cfg), cfg).names == ["positive", "neutral", "negative"]
