@@ -181,6 +181,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._proc: Optional[subprocess.Popen] = None
         self._returncode: Optional[int] = None
         self._signalled = False
+        self._terminated = False
         self._latest_before: Optional[str] = None
 
     def __getstate__(self) -> dict:  # the running child and its thread are not part of the job
@@ -232,8 +233,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         restarts = self.restart_count()
         host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         where = f"node {rank} of {count} ({host})"
-        _say(f"job {env.job_id}, {where}, SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')}"
-             + (f", requeued {restarts} time(s)" if restarts else ""))
+        if self.spec.cluster == "slurm":
+            count_text = f"SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        else:
+            count_text = f"restart {restarts}"
+        _say(f"job {env.job_id}, {where}, {count_text}" + (f", requeued {restarts} time(s)" if restarts else ""))
         if count != self.spec.nodes:
             raise JobSetupError(f"the job asked for {self.spec.nodes} node(s) but this task sees {count}; "
                                 "one task per node is required (ntasks-per-node=1)")
@@ -249,6 +253,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._latest_before = self._latest()
         previous = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: self._on_signal(signum, frame, previous))
+        previous_term = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self._on_term(signum, frame, previous_term))
         self._proc = subprocess.Popen(cmd, cwd=self.spec.workdir, env=child_env, preexec_fn=_launcher_preexec)
         threading.Thread(target=self._reap, daemon=True).start()
         try:
@@ -265,6 +271,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             _say(f"node {rank} stopped after a checkpoint (status {rc})")
             return {"status": "checkpointed", "node": rank, "output_dir": self.spec.output_dir,
                     "name": self.spec.name}
+        if self._terminated:
+            # SIGTERM: a preemption that Slurm requeues itself, or a cancellation. Either way Slurm
+            # ends this run; leaving no result keeps the job open for the requeued run.
+            _say(f"node {rank} stopped on SIGTERM (status {rc}); waiting for Slurm to requeue or end the job")
+            time.sleep(600)
         raise TrainingFailed(f"training exited with status {rc} on node {rank}; see the messages above")
 
     def _reap(self) -> None:
@@ -314,6 +325,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             _say("training had finished: nothing to requeue")
             return
         if callable(previous):  # submitit: the head task calls checkpoint() and requeues the job
+            previous(signum, frame)
+
+    def _on_term(self, signum, frame, previous) -> None:
+        self._terminated = True  # the training processes got it too (they checkpoint on SIGTERM)
+        if callable(previous):
             previous(signum, frame)
 
     def _wait_budget(self) -> float:
@@ -393,7 +409,7 @@ def expand_sweep(path: str | os.PathLike) -> tuple[str, list[dict], dict]:
     unknown = set(data) - {"name", "grid", "random", "seed", "fixed"}
     if unknown or not isinstance(data.get("grid"), dict) or not data["grid"]:
         raise UserError(f"--sweep {path}: expected a mapping with 'grid' (flag: [values]) and optionally "
-                        f"'random', 'seed', 'fixed', 'name'" + (f"; unknown keys: {sorted(unknown)}" if unknown else ""))
+                        "'random', 'seed', 'fixed', 'name'" + (f"; unknown keys: {sorted(unknown)}" if unknown else ""))
     grid: dict = data["grid"]
     fixed: dict = data.get("fixed") or {}
     n_random = data.get("random")
@@ -636,7 +652,8 @@ def sbatch_text(sub: Submission) -> str:
 def dry_run_text(sub: Submission) -> str:
     o = sub.opts
     head = o.main_process_ip or "$HEAD_NODE"
-    lines = [f"# dry run: nothing submitted ({'job array of ' + str(len(sub.specs)) + ' runs' if sub.is_sweep else 'one job'}, "
+    what = f"job array of {len(sub.specs)} runs" if sub.is_sweep else "one job"
+    lines = [f"# dry run: nothing submitted ({what}, "
              f"{o.nodes} node(s) x {max(o.gpus_per_node, 1)} process(es), cluster {o.cluster})",
              f"# submitit folder: {sub.folder}", "", "# ---- sbatch script", sbatch_text(sub).rstrip(), "",
              "# ---- per-node commands (each node's task builds its own; $HEAD_NODE = the job's first host,",

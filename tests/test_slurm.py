@@ -311,7 +311,8 @@ def test_preemption_and_time_limit_requeue_and_resume_to_the_same_weights(slurm,
                                            *flags(tiny_model, tiny_files, outs["preempted"], report_to="wandb",
                                                   **common)], env, tmp_path / "preempted.txt"),
         "timed_out": submit_in_background(["--nodes", "2", "--time", "2", "--signal_delay_s", "50",
-                                           "--max_requeues", "3", "--wait", "--", *flags(tiny_model, tiny_files, outs["timed_out"], **common)],
+                                           "--max_requeues", "3", "--wait", "--",
+                                           *flags(tiny_model, tiny_files, outs["timed_out"], **common)],
                                           env, tmp_path / "timed_out.txt"),
     }
     try:
