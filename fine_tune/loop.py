@@ -62,6 +62,9 @@ def make_accelerator(cfg: TrainConfig):
     if use_deepspeed and _env_true("ACCELERATE_USE_CPU"):
         raise UserError("DeepSpeed cannot be combined with use_cpu/--cpu (accelerate would silently fall back "
                         "to plain DDP); remove use_cpu from the accelerate config")
+    if _env_true("ACCELERATE_USE_FSDP") and not has_gpu:
+        raise UserError("FSDP through accelerate needs GPUs (accelerate's FSDP plugin finds no device on CPU); "
+                        "on CPU use accelerate_configs/cpu_ddp.yaml or a DeepSpeed ZeRO config")
     if cfg.mixed_precision == "fp16" and not has_gpu:
         raise UserError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no)")
     handlers = []
