@@ -377,11 +377,18 @@ def run(cfg: TrainConfig) -> dict:
                     accelerator.backward(local * (loss_scale / step.units))
                 window_loss += local.detach()
             # ---- optimizer-step boundary: clip once, step once, schedule once
-            if is_deepspeed:
+            if is_deepspeed:  # the engine clipped and stepped inside backward; this reads the norm
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            else:
+            else:  # unscales (fp16) first; max_norm inf only measures
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            finite = grad_norm is None or math.isfinite(float(grad_norm))
+            # Stop requests: every rank must agree, so the flag is all-reduced. It travels with
+            # the gradient norm: one host-device synchronisation per optimizer step, not more.
+            stop_flag = torch.tensor([0.0 if stop.signum is None else 1.0], device=device)
+            if world > 1:
+                stop_flag = accelerator.reduce(stop_flag, reduction="sum")
+            norm_value = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device).float()
+            grad_norm, stop_votes = torch.stack([norm_value.reshape(()), stop_flag[0]]).tolist()
+            finite = math.isfinite(grad_norm)
             if not finite and not accelerator.scaler:
                 state.nonfinite_steps += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -415,7 +422,7 @@ def run(cfg: TrainConfig) -> dict:
                 elapsed = time.perf_counter() - window["time"]
                 tokens_per_s = window["tokens"] / elapsed
                 event = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"],
-                         "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "grad_norm": grad_norm,
                          "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
                          **peak_memory_mb()}
                 if peak:
@@ -436,11 +443,7 @@ def run(cfg: TrainConfig) -> dict:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             save_now = (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
                        (cfg.save_strategy == "epoch" and end_of_epoch)
-            # ---- stop requests: every rank must agree, so the flag is all-reduced
-            stop_flag = torch.tensor([0 if stop.signum is None else 1], device=device)
-            if world > 1:
-                stop_flag = accelerator.reduce(stop_flag, reduction="sum")
-            if int(stop_flag.item()) > 0:
+            if stop_votes > 0:
                 stop_reason = "signal"
             if save_now or stop_reason == "signal":
                 C.save_checkpoint(accelerator, cfg, state)

@@ -192,3 +192,30 @@ def test_latest_without_checkpoint_starts_fresh(tiny_model, data_files, tmp_path
                      ["--resume_from_checkpoint", "latest"])
     assert "no checkpoint in" in proc.stdout and "starting fresh" in proc.stdout
     assert (tmp_path / "fresh" / "final" / "model.safetensors").exists()
+
+
+def test_nonfinite_gradient_skips_then_stops_without_saving_it(tiny_model, tmp_path):
+    """A regression label of 1e30 makes the squared error overflow to inf: that step's update
+    is skipped; past --max_nonfinite_steps the run stops, and no checkpoint holds bad weights."""
+    from conftest import make_rows, write_jsonl
+
+    rows = [{"text": r["text"], "score": float(i % 3)} for i, r in enumerate(make_rows(24, seed=4))]
+    bad = [dict(r, score=1e30) if i == 5 else r for i, r in enumerate(rows)]
+    files = {"train": write_jsonl(tmp_path / "bad.jsonl", bad), "validation": write_jsonl(tmp_path / "ok.jsonl", rows)}
+    common = dict(task="regression", label_column="score", per_device_train_batch_size=4, max_steps=6,
+                  save_strategy="steps", save_steps=1, group_by_length="false")
+    # tolerated: the one bad step is skipped, the run finishes with finite weights
+    out = tmp_path / "tolerated"
+    proc = run_train(train_args(tiny_model, files, out, max_nonfinite_steps=1, **common))
+    assert proc.stdout.count("non-finite gradient norm, update skipped") == 1
+    weights = load_weights(out / "final")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # not tolerated (the default 0): the run stops at that step, and saved only good steps
+    out = tmp_path / "stopped"
+    proc = run_train(train_args(tiny_model, files, out, **common), check=False)
+    assert proc.returncode == 2 and "consecutive optimizer steps with a non-finite" in proc.stderr
+    assert not (out / "final").exists()
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert saved and all(torch.isfinite(load_weights(p)["classifier.weight"]).all() for p in saved)
+    bad_step = int(proc.stdout.split(": non-finite gradient norm")[0].rsplit("step ", 1)[1])
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{bad_step - 1}"
