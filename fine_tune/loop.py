@@ -235,7 +235,6 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
 # ------------------------------------------------------------------ the run
 def run(cfg: TrainConfig) -> dict:
     """Set up, train, evaluate, save. Returns the final evaluation metrics."""
-    import numpy as np
     import torch
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -455,7 +454,7 @@ def run(cfg: TrainConfig) -> dict:
         accelerator.print(f"stopped by a signal at step {state.global_step}: checkpoint saved in "
                           f"{C.latest_checkpoint(cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
                           f"(exit status {EXIT_CHECKPOINTED})")
-        del model, optimizer, scheduler, train_loader, eval_loader, eval_loaders
+        model = optimizer = scheduler = train_loader = eval_loader = eval_loaders = None  # noqa: F841 (release)
         _shutdown(accelerator)
         sys.exit(EXIT_CHECKPOINTED)
 
@@ -482,7 +481,7 @@ def run(cfg: TrainConfig) -> dict:
         accelerator.print("final metrics: " + json.dumps(shown))
         accelerator.print(f"model saved to {final_dir}")
     accelerator.wait_for_everyone()
-    del model, optimizer, scheduler, train_loader, eval_loader, eval_loaders, state_dict
+    model = optimizer = scheduler = train_loader = eval_loader = eval_loaders = state_dict = None  # noqa: F841
     _shutdown(accelerator)
     return results
 

@@ -64,10 +64,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def small_files(folder: Path, n_train: int = 61, n_validation: int = 23) -> dict:
+    """61 training examples: with 8 per optimizer step the last step is short (5)."""
+    return {"train": write_jsonl(folder / "train.jsonl", make_rows(n_train, seed=1)),
+            "validation": write_jsonl(folder / "validation.jsonl", make_rows(n_validation, seed=2))}
+
+
 @pytest.fixture
 def data_files(tmp_path) -> dict:
-    return {"train": write_jsonl(tmp_path / "train.jsonl", make_rows(61, seed=1)),
-            "validation": write_jsonl(tmp_path / "validation.jsonl", make_rows(23, seed=2))}
+    return small_files(tmp_path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_args(model: Path, files: dict, out: Path, **overrides) -> list[str]:
@@ -122,3 +135,15 @@ def relative_difference(a: dict, b: dict, init: dict) -> float:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_recipe(recipe: str, data: Path, out: Path, **flags) -> dict:
+    """Run a shipped recipe on a prepared data folder (train/validation/test.jsonl) and
+    return its eval_results.json."""
+    args = ["--config", str(ROOT / "recipes" / recipe), "--output_dir", str(out), "--disable_tqdm", "true"]
+    for split in ("train", "validation", "test"):
+        args += [f"--{split}_file", str(data / f"{split}.jsonl")]
+    for k, v in flags.items():
+        args += [f"--{k}", str(v)]
+    run_train(args)
+    return json.loads((out / "eval_results.json").read_text())

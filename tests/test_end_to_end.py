@@ -3,9 +3,8 @@ human-rated sentences of the default data set beats the majority-class baseline.
 
 import json
 from collections import Counter
-from pathlib import Path
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_recipe
 
 
 def test_minilm_learns_real_sentiment(tmp_path):
@@ -13,11 +12,8 @@ def test_minilm_learns_real_sentiment(tmp_path):
 
     data = prepare_sentiment(ROOT / "data")
     out = tmp_path / "minilm"
-    run_train(["--config", str(ROOT / "recipes" / "sentiment.yaml"), "--output_dir", str(out),
-               "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
-               "--test_file", str(data / "test.jsonl"), "--max_train_samples", "600", "--max_eval_samples", "300",
-               "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true"])
-    results = json.loads((out / "eval_results.json").read_text())
+    results = run_recipe("sentiment.yaml", data, out, max_train_samples=600, max_eval_samples=300,
+                         num_train_epochs=2, per_device_train_batch_size=16)
     test_labels = [json.loads(x)["label"] for x in (data / "test.jsonl").read_text().splitlines()[:300]]
     majority = Counter(test_labels).most_common(1)[0][1] / len(test_labels)
     assert results["test_samples"] == 300

@@ -3,12 +3,11 @@ each bad command runs against the folder of a finished run with --overwrite_outp
 that folder must be byte-for-byte unchanged afterwards."""
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import make_rows, run_train, train_args, write_jsonl
+from conftest import make_rows, run_train, small_files, train_args, write_jsonl
 from fine_tune.config import ConfigError, parse_args
 
 
@@ -20,8 +19,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("errors")
-    files = {"train": write_jsonl(tmp / "train.jsonl", make_rows(20, seed=1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", make_rows(9, seed=2))}
+    files = small_files(tmp, 20, 9)
     out = tmp / "run"
     run_train(train_args(tiny_model, files, out, max_steps=2, save_strategy="steps", save_steps=1))
     return {"tmp": tmp, "files": files, "out": out}

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import ENV, ROOT, launch_cmd, load_weights, read_metrics, run_train, train_args
+from conftest import ENV, ROOT, free_port, launch_cmd, load_weights, read_metrics, run_train, small_files, \
+    train_args
 from fine_tune import EXIT_CHECKPOINTED
 
 STEPS = 90  # 3 epochs of 30 steps (61 examples, batch 2): resumes land mid-epoch
@@ -56,11 +56,8 @@ def wait_for_step(out, step, proc, timeout=300):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, tmp_path_factory):
-    from conftest import make_rows, write_jsonl
-
     tmp = tmp_path_factory.mktemp("resume")
-    files = {"train": write_jsonl(tmp / "train.jsonl", make_rows(61, seed=1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", make_rows(23, seed=2))}
+    files = small_files(tmp)
     ref1 = tmp / "ref_1proc"
     run_train(args_for(tiny_model, files, ref1))
     return {"files": files, "tmp": tmp, "one": ref1}
@@ -98,15 +95,9 @@ def test_sigkill_then_resume_two_processes(uninterrupted, tiny_model):
     assert_same_run(out, ref)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(args, world=2):
     """One `python train.py` per rank with the torch.distributed variables, as srun would."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from conftest import ENV, ROOT, load_weights, minilm_path, read_metrics, relative_difference, run_train, train_args
+from conftest import ENV, ROOT, load_weights, minilm_path, read_metrics, relative_difference, run_recipe, \
+    run_train, train_args
 
 TAGS = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
 NAMES = ["alice", "bob smith", "charlotte", "dmitri ivanov"]
@@ -142,12 +143,8 @@ def test_real_ner_beats_all_o(tmp_path):
     from fine_tune.prepare_data import prepare_ner
 
     data = prepare_ner(ROOT / "data")
-    out = tmp_path / "wnut"
-    run_train(["--config", str(ROOT / "recipes" / "ner.yaml"), "--output_dir", str(out),
-               "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
-               "--test_file", str(data / "test.jsonl"), "--num_train_epochs", "2", "--learning_rate", "2e-4",
-               "--max_train_samples", "1200", "--disable_tqdm", "true"])
-    results = json.loads((out / "eval_results.json").read_text())
+    results = run_recipe("ner.yaml", data, tmp_path / "wnut", num_train_epochs=2, learning_rate=2e-4,
+                         max_train_samples=1200)
     assert results["test_f1"] > 0.05 and results["test_precision"] > 0.1
     assert results["test_samples"] == 239
 
@@ -158,12 +155,8 @@ def test_real_regression_beats_the_mean(tmp_path):
     from fine_tune.prepare_data import prepare_sentiment
 
     data = prepare_sentiment(ROOT / "data")
-    out = tmp_path / "reg"
-    run_train(["--config", str(ROOT / "recipes" / "regression.yaml"), "--output_dir", str(out),
-               "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
-               "--test_file", str(data / "test.jsonl"), "--max_train_samples", "800", "--max_eval_samples", "300",
-               "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true"])
-    results = json.loads((out / "eval_results.json").read_text())
+    results = run_recipe("regression.yaml", data, tmp_path / "reg", max_train_samples=800, max_eval_samples=300,
+                         num_train_epochs=2, per_device_train_batch_size=16)
     train_mean = np.mean([json.loads(x)["rating"] for x in (data / "train.jsonl").read_text().splitlines()[:800]])
     test = np.array([json.loads(x)["rating"] for x in (data / "test.jsonl").read_text().splitlines()[:300]])
     baseline = float(np.mean((test - train_mean) ** 2))

@@ -7,12 +7,12 @@ TOLERANCE of the largest weight change. Real processes: `accelerate launch` with
 and a real DeepSpeed engine on its CPU accelerator.
 """
 
-import socket
 import subprocess
 
 import pytest
 
-from conftest import ENV, ROOT, launch_cmd, max_change, read_metrics, relative_difference, run_train, train_args
+from conftest import ENV, ROOT, free_port, launch_cmd, max_change, read_metrics, relative_difference, run_train, \
+    small_files, train_args
 
 TOLERANCE = 1e-4
 STEPS = 8
@@ -27,11 +27,8 @@ def reloaded(folder):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    from conftest import make_rows, write_jsonl
-
     tmp = tmp_path_factory.mktemp("topologies")
-    files = {"train": write_jsonl(tmp / "train.jsonl", make_rows(61, seed=1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", make_rows(23, seed=2))}
+    files = small_files(tmp)
     out = tmp / "single_b8"
     run_train(train_args(tiny_model, files, out, per_device_train_batch_size=8, max_steps=STEPS))
     return {"files": files, "tmp": tmp, "weights": reloaded(out / "final"), "init": reloaded(tiny_model),
@@ -64,16 +61,10 @@ def test_same_weights_as_one_process(name, reference, tiny_model):
     assert mine == pytest.approx(ref, rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_emulated_nodes(reference, tiny_model):
     """Two `accelerate launch` commands, one process each, meeting over 127.0.0.1."""
     out = reference["tmp"] / "two_nodes"
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         extra = ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
