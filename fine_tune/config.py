@@ -109,7 +109,8 @@ class TrainConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1", group="optimizer")
     adam_beta2: float = _opt(0.999, "AdamW beta2", group="optimizer")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon", group="optimizer")
-    optim: str = _opt("adamw_torch", "adamw_torch, or adamw_torch_fused (fused kernel where available)",
+    optim: str = _opt("adamw_torch_fused", "AdamW kernel: adamw_torch_fused (one fused kernel; falls back to "
+                      "adamw_torch where the device has none) or adamw_torch (multi-tensor)",
                       choices=("adamw_torch", "adamw_torch_fused"), group="optimizer")
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0 disables)", group="optimizer")
     lr_scheduler_type: str = _opt("linear", "learning-rate schedule", choices=SCHEDULERS, group="optimizer")

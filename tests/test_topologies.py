@@ -53,7 +53,7 @@ def test_same_weights_as_one_process(name, reference, tiny_model):
                                 gradient_accumulation_steps=acc, max_steps=STEPS), config, nproc)
     assert f"({nproc or 1} process(es) x {bs} x {acc} accumulation)" in proc.stdout
     weights = reloaded(out / "final")  # ZeRO-3: the gathered full weights, reloaded by from_pretrained
-    assert max_change(reference["weights"], reference["init"]) > 1e-2  # it trained
+    assert max_change(reference["weights"], reference["init"]) > 2e-3  # it trained (8 steps of lr <= 1e-3)
     assert relative_difference(weights, reference["weights"], reference["init"]) < TOLERANCE
     # the logged loss is the global step mean (all ranks), not rank 0's
     mine = [r["loss"] for r in read_metrics(out) if "loss" in r]
