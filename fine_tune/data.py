@@ -73,6 +73,8 @@ def load_local_file(path: str):
         raise UserError(f"data file {path} does not exist; check the path given to --train_file, "
                         "--validation_file or --test_file")
     kind = _file_type(path)
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"{path} has no rows (the file is empty); give a file with data")
     if kind == "conll":
         from datasets import Dataset
 

@@ -25,7 +25,7 @@ def finished_run(tiny_model, tmp_path_factory):
     return {"tmp": tmp, "files": files, "out": out}
 
 
-def fails(finished_run, tiny_model, expect: str, files=None, accelerate_config=None, nproc=None, **flags):
+def expect_failure(finished_run, tiny_model, expect: str, files=None, accelerate_config=None, nproc=None, **flags):
     out = finished_run["out"]
     before = snapshot(out)
     flags.setdefault("overwrite_output_dir", "true")
@@ -43,64 +43,65 @@ def fails(finished_run, tiny_model, expect: str, files=None, accelerate_config=N
 
 
 def test_unknown_option_names_the_closest(finished_run, tiny_model):
-    msg = fails(finished_run, tiny_model, "unknown option --learnig_rate", learnig_rate=1e-3)
+    msg = expect_failure(finished_run, tiny_model, "unknown option --learnig_rate", learnig_rate=1e-3)
     assert "did you mean --learning_rate?" in msg
 
 
 def test_wrong_type_and_out_of_range_values(finished_run, tiny_model):
-    fails(finished_run, tiny_model, "--per_device_train_batch_size 'four' is not allowed: expected an integer",
+    expect_failure(finished_run, tiny_model, "--per_device_train_batch_size 'four' is not allowed: expected an integer",
           per_device_train_batch_size="four")
-    fails(finished_run, tiny_model, "--learning_rate -0.1 is not allowed: must be > 0", learning_rate=-0.1)
-    fails(finished_run, tiny_model, "--gradient_accumulation_steps 0 is not allowed", gradient_accumulation_steps=0)
-    msg = fails(finished_run, tiny_model, "--lr_scheduler_type 'cosin' is not allowed", lr_scheduler_type="cosin")
+    expect_failure(finished_run, tiny_model, "--learning_rate -0.1 is not allowed: must be > 0", learning_rate=-0.1)
+    expect_failure(finished_run, tiny_model, "--gradient_accumulation_steps 0 is not allowed", gradient_accumulation_steps=0)
+    msg = expect_failure(finished_run, tiny_model, "--lr_scheduler_type 'cosin' is not allowed", lr_scheduler_type="cosin")
     assert "did you mean 'cosine'" in msg
 
 
 def test_missing_data_file(finished_run, tiny_model):
     files = {**finished_run["files"], "train": finished_run["tmp"] / "nope.jsonl"}
-    fails(finished_run, tiny_model, "nope.jsonl does not exist", files=files)
+    expect_failure(finished_run, tiny_model, "nope.jsonl does not exist", files=files)
 
 
 def test_malformed_json_and_csv_name_the_line(finished_run, tiny_model):
     bad = finished_run["tmp"] / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "broken", "label": \n')
-    fails(finished_run, tiny_model, "is not valid JSON: line 2", files={**finished_run["files"], "train": bad})
+    expect_failure(finished_run, tiny_model, "is not valid JSON: line 2", files={**finished_run["files"], "train": bad})
     bad_csv = finished_run["tmp"] / "bad.csv"
     bad_csv.write_text('text,label\n"fine",positive\n"a","b","c","d"\n')
-    msg = fails(finished_run, tiny_model, "is not valid CSV", files={**finished_run["files"], "train": bad_csv})
+    msg = expect_failure(finished_run, tiny_model, "is not valid CSV", files={**finished_run["files"], "train": bad_csv})
     assert "line 3" in msg
 
 
 def test_missing_column_lists_the_columns(finished_run, tiny_model):
-    msg = fails(finished_run, tiny_model, "has no column 'review'", text_column="review")
+    msg = expect_failure(finished_run, tiny_model, "has no column 'review'", text_column="review")
     assert "its columns are: text, label" in msg
 
 
 def test_empty_nan_and_out_of_range_labels(finished_run, tiny_model):
     tmp = finished_run["tmp"]
     empty = write_jsonl(tmp / "empty_label.jsonl", make_rows(5) + [{"text": "x", "label": ""}])
-    fails(finished_run, tiny_model, "empty or NaN label in row 5", files={**finished_run["files"], "train": empty})
+    expect_failure(finished_run, tiny_model, "empty or NaN label in row 5", files={**finished_run["files"], "train": empty})
     nan = tmp / "nan_label.csv"
     nan.write_text("text,label\ngood,1\nbad,0\nhuh,\n")
-    fails(finished_run, tiny_model, "empty or NaN label in row 2",
+    expect_failure(finished_run, tiny_model, "empty or NaN label in row 2",
           files={"train": nan, "validation": nan})
     neg = write_jsonl(tmp / "neg_label.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": -1}])
-    fails(finished_run, tiny_model, "label -1 in column 'label' is negative", files={"train": neg, "validation": neg})
+    expect_failure(finished_run, tiny_model, "label -1 in column 'label' is negative", files={"train": neg, "validation": neg})
 
 
 def test_split_with_no_rows(finished_run, tiny_model):
     empty = finished_run["tmp"] / "empty.jsonl"
     empty.write_text("")
-    fails(finished_run, tiny_model, "", files={**finished_run["files"], "validation": empty})
+    expect_failure(finished_run, tiny_model, "empty.jsonl has no rows",
+                   files={**finished_run["files"], "validation": empty})
 
 
 def test_model_path_missing_or_not_a_model(finished_run, tiny_model):
-    fails(finished_run, tiny_model, "model path ./no/such/model does not exist", model="./no/such/model")
-    fails(finished_run, tiny_model, "holds no model (no config.json)", model=finished_run["tmp"])
+    expect_failure(finished_run, tiny_model, "model path ./no/such/model does not exist", model="./no/such/model")
+    expect_failure(finished_run, tiny_model, "holds no model (no config.json)", model=finished_run["tmp"])
 
 
 def test_resume_from_something_that_is_not_a_checkpoint(finished_run, tiny_model):
-    fails(finished_run, tiny_model, "is not a checkpoint", resume_from_checkpoint=finished_run["tmp"])
+    expect_failure(finished_run, tiny_model, "is not a checkpoint", resume_from_checkpoint=finished_run["tmp"])
     # a corrupt checkpoint: copy a real one and truncate its weights
     import shutil
 
@@ -108,7 +109,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(finished_run, tiny_model
     broken = finished_run["tmp"] / "broken_ckpt"
     shutil.copytree(real, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 10)
-    fails(finished_run, tiny_model, "is corrupt or incomplete", resume_from_checkpoint=broken,
+    expect_failure(finished_run, tiny_model, "is corrupt or incomplete", resume_from_checkpoint=broken,
           overwrite_output_dir="false")
 
 
@@ -122,7 +123,7 @@ def test_output_dir_of_another_run_is_refused(finished_run, tiny_model):
 
 def test_more_processes_than_examples(finished_run, tiny_model):
     two = write_jsonl(finished_run["tmp"] / "two.jsonl", make_rows(2))
-    fails(finished_run, tiny_model, "2 training examples cannot feed 3 processes",
+    expect_failure(finished_run, tiny_model, "2 training examples cannot feed 3 processes",
           files={"train": two, "validation": two}, accelerate_config="cpu_ddp.yaml", nproc=3)
 
 
@@ -176,7 +177,7 @@ def test_warmup_steps_int_or_ratio():
 
 
 def test_label_names_fix_the_order_and_reject_unknown_labels(finished_run, tiny_model):
-    fails(finished_run, tiny_model, "which is not in --label_names (negative, positive)",
+    expect_failure(finished_run, tiny_model, "which is not in --label_names (negative, positive)",
           label_names="negative,positive")
     from fine_tune import data as D
 
