@@ -237,7 +237,8 @@ class Probe:
             "tokens_per_second": tokens["timed"] / window,
             "padding_share": 1.0 - tokens["timed"] / max(self.positions["timed"], 1),
             "step_ms": window * ms,
-            # every step, warm-up included: the wall time and the input positions it processed
+            # every step, warm-up included (the first counts from the worker's start): the wall
+            # time and the input positions it processed
             "step_times_ms": [1000 * (b - a) for a, b in zip([self.start] + self.ends, self.ends)],
             "step_positions": [self.step_positions.get(i, 0) for i in range(len(self.ends))],
         }
@@ -737,10 +738,19 @@ def main(argv: list[str] | None = None) -> dict:
         o = comparisons["d_vs_c_step_time_pct"]
         notes.append(f"train.py (d) over the bare loop (c) on identical batches: {o['median']:+.1f}% step time "
                      f"(paired repeats, range {o['min']:+.1f}% to {o['max']:+.1f}%)")
+        own = {m: summary.get(m, {}) for m in ("c", "d")}
+        if all(own[m].get("other_ms", {}).get("median") is not None for m in own):
+            # the loop's own work: what it does outside the library calls both loops share
+            extra_ms = sum(own["d"][k]["median"] - own["c"][k]["median"] for k in ("data_ms", "other_ms"))
+            comparisons["d_vs_c_own_work_ms"] = extra_ms
+            notes.append(f"train.py's own work per step (data + other, d minus c): {extra_ms:+.1f} ms, "
+                         f"{100 * extra_ms / own['c']['step_ms']['median']:+.1f}% of the bare loop's step")
     for ours in ("d", "e"):
         if ours in summary and "b" in summary and summary[ours]["runs"] and summary["b"]["runs"]:
             ratio = summary[ours]["samples_per_second"]["median"] / summary["b"]["samples_per_second"]["median"]
-            notes.append(f"{ours} vs the Trainer's best (b): {ratio:.2f}x samples/s")
+            tokens = summary[ours]["tokens_per_second"]["median"] / summary["b"]["tokens_per_second"]["median"]
+            comparisons[f"{ours}_vs_b_samples_ratio"], comparisons[f"{ours}_vs_b_tokens_ratio"] = ratio, tokens
+            notes.append(f"{ours} vs the Trainer's best (b): {ratio:.2f}x samples/s, {tokens:.2f}x tokens/s")
     notes.append(f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}; "
                  f"load average {info.get('load_average', ['?'])[0]:.2f} at start, "
                  f"{(info.get('load_average_end') or ['?'])[0]:.2f} at end; {time.perf_counter() - started:.0f} s")
