@@ -1,5 +1,5 @@
 # `make demo`: set up .venv, prepare the default data, fine-tune on CPU, print the metrics.
-# `make test`: set up .venv, prepare the data, run the test suite.
+# `make test`: set up .venv, prepare the data, run the test suite (`make test-fast`: unit tests only).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,20 +7,22 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test test-fast clean
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	# deepspeed builds from source against the torch above: no build isolation
 	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -r requirements.txt
+	# the project itself, editable (a path entry, so a second checkout runs its own code): the `fine-tune` command
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 data: setup
-	$(PY) -m fine_tune.prepare_data
+	$(VENV)/bin/fine-tune prepare-data
 
 demo: data
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
@@ -28,6 +30,10 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q tests
+
+# the unit tests alone (in-process, no training subprocesses): about a minute
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration" tests
 
 clean:
 	rm -rf $(VENV) data runs

@@ -1,18 +1,12 @@
 """Fine-tune a Hugging Face model: `accelerate launch train.py --config recipes/sentiment.yaml`.
 
-All options: `python train.py --help`. The loop lives in fine_tune/loop.py.
+All options: `python train.py --help`. The loop lives in fine_tune/core/loop.py; `fine-tune train`
+runs the same code.
 """
 
-from fine_tune.config import main_guard, parse_args
+import sys
 
-
-@main_guard
-def main() -> None:
-    cfg = parse_args()
-    from fine_tune.loop import run  # heavy imports only after the options are valid
-
-    run(cfg)
-
+from fine_tune.__main__ import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main(sys.argv[1:], prog="train.py")

@@ -14,7 +14,7 @@ STEPS, WARMUP, BATCH, MAX_LENGTH = 4, 1, 8, 64
 
 @pytest.fixture(scope="module")
 def report(tiny_model, tmp_path_factory):
-    from fine_tune import bench
+    from fine_tune.commands import bench
 
     tmp = tmp_path_factory.mktemp("bench")
     train = write_jsonl(tmp / "train.jsonl", make_rows(STEPS * BATCH + 5, seed=3))
@@ -90,7 +90,7 @@ def test_numbers_are_consistent(report):
 
 
 def test_bad_mode_is_refused():
-    from fine_tune import bench
+    from fine_tune.commands import bench
 
     with pytest.raises(SystemExit, match="unknown option 'bf17'"):
         bench.main(["--modes", "d+bf17"])

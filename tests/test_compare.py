@@ -39,7 +39,7 @@ def runs(tiny_model, tmp_path_factory):
 
 
 def compare_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fine_tune.compare", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fine_tune.commands.compare", *map(str, args)], cwd=ROOT,
                           env=env or ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -51,7 +51,7 @@ def direct(run_dir, metric: str, greater: bool):
 
 
 def test_table_shows_exactly_the_differing_options_and_true_metrics(runs):
-    from fine_tune import compare
+    from fine_tune.commands import compare
 
     out = compare.table([runs / name for name in RUNS], fmt="json")
     rows = json.loads(out)
@@ -81,7 +81,7 @@ def test_table_shows_exactly_the_differing_options_and_true_metrics(runs):
 
 
 def test_sorting_by_any_metric_in_every_format(runs):
-    from fine_tune import compare
+    from fine_tune.commands import compare
 
     dirs = [runs / name for name in RUNS]
     # eval_loss: lower is better, so ascending by the best (lowest) loss
@@ -114,7 +114,7 @@ def test_sorting_by_any_metric_in_every_format(runs):
 def test_plot_is_a_real_image_labelled_by_what_differs(runs, tmp_path):
     from PIL import Image
 
-    from fine_tune import compare
+    from fine_tune.commands import compare
 
     out = tmp_path / "compare.png"
     proc = compare_cli(*[runs / n for n in RUNS], "--plot", out, "--sort_by", "eval_loss")
@@ -179,7 +179,7 @@ class _FakeApi:
 
 
 def test_wandb_runs_are_read_like_local_runs():
-    from fine_tune import compare
+    from fine_tune.commands import compare
 
     api = _FakeApi([
         _FakeRun("a1", "slow", 1e-4, [{"_step": 1, "train/loss": 1.0, "train/samples_per_second": 10.0},

@@ -8,7 +8,7 @@ from conftest import ROOT, run_recipe
 
 
 def test_minilm_learns_real_sentiment(tmp_path):
-    from fine_tune.prepare_data import prepare_sentiment
+    from fine_tune.commands.prepare_data import prepare_sentiment
 
     data = prepare_sentiment(ROOT / "data")
     out = tmp_path / "minilm"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_rows, run_train, small_files, train_args, write_jsonl
-from fine_tune.config import ConfigError, parse_args
+from fine_tune.core.config import ConfigError, parse_args
 
 
 def snapshot(folder: Path) -> dict:
@@ -139,7 +139,7 @@ def test_tokenizer_without_pad_token_is_fixed(tiny_model, data_files, tmp_path):
     tok.pad_token = None
     tok.save_pretrained(model)
     assert AutoTokenizer.from_pretrained(model).pad_token is None
-    from fine_tune.model import load_tokenizer
+    from fine_tune.core.model import load_tokenizer
 
     assert load_tokenizer(parse_args(["--model_name_or_path", str(model)])).pad_token == "[UNK]"
     run_train(train_args(model, data_files, tmp_path / "out", max_steps=2))
@@ -179,7 +179,7 @@ def test_warmup_steps_int_or_ratio():
 def test_label_names_fix_the_order_and_reject_unknown_labels(finished_run, tiny_model):
     expect_failure(finished_run, tiny_model, "which is not in --label_names (negative, positive)",
           label_names="negative,positive")
-    from fine_tune import data as D
+    from fine_tune.core import data as D
 
     cfg = parse_args(["--train_file", str(finished_run["files"]["train"]), "--validation_file",
                       str(finished_run["files"]["validation"]), "--label_names", "positive,neutral,negative"])

@@ -22,7 +22,7 @@ VALIDATION = [("good film", "a"), ("bad plot", "b"), ("awful acting", "b"), ("bo
 
 
 def run_explore(capsys, *args) -> str:
-    from fine_tune.explore import main
+    from fine_tune.commands.explore import main
 
     main([str(a) for a in args])
     return capsys.readouterr().out
@@ -160,7 +160,7 @@ def test_token_classification_tags_entities_and_words(tiny_model, tmp_path, caps
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_model, files, capsys):
-    from fine_tune.explore import main
+    from fine_tune.commands.explore import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model_name_or_path", str(tiny_model), "--train_file", str(files["train"]),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from fine_tune.metrics import classification_metrics, confusion, entity_metrics, extract_entities, \
+from fine_tune.core.metrics import classification_metrics, confusion, entity_metrics, extract_entities, \
     regression_metrics
 
 

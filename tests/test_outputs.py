@@ -55,7 +55,7 @@ def test_final_model_loads_in_a_pipeline(finished):
 
 def test_predict_scores_a_labelled_file_and_labels_an_unlabelled_one(finished):
     model = str(finished["out"] / "final")
-    proc = subprocess.run([sys.executable, "-m", "fine_tune.predict", "--model", model, "--file",
+    proc = subprocess.run([sys.executable, "-m", "fine_tune.commands.predict", "--model", model, "--file",
                            str(finished["files"]["test"])], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "true \\ predicted" in proc.stdout and '"accuracy"' in proc.stdout
@@ -65,7 +65,7 @@ def test_predict_scores_a_labelled_file_and_labels_an_unlabelled_one(finished):
     unlabelled = finished["tmp"] / "unlabelled.jsonl"
     unlabelled.write_text('{"text": "lovely"}\n{"text": "terrible plot"}\n')
     preds = finished["tmp"] / "preds.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "fine_tune.predict", "--model", model, "--file", str(unlabelled),
+    proc = subprocess.run([sys.executable, "-m", "fine_tune.commands.predict", "--model", model, "--file", str(unlabelled),
                            "--output", str(preds)], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(x) for x in preds.read_text().splitlines()]

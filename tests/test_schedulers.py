@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fine_tune.config import HF_SCHEDULERS, parse_args
-from fine_tune.optim import build_optimizer, build_scheduler, no_decay_parameter_names
+from fine_tune.core.config import HF_SCHEDULERS, parse_args
+from fine_tune.core.optim import build_optimizer, build_scheduler, no_decay_parameter_names
 
 
 def lrs(name: str, steps: int = 10, **flags) -> list[float]:

@@ -66,7 +66,7 @@ def ner(tmp_path_factory):
 def test_label_alignment_first_subtoken_and_special_tokens():
     from transformers import AutoTokenizer
 
-    from fine_tune.data import IGNORE_INDEX, align_labels
+    from fine_tune.core.data import IGNORE_INDEX, align_labels
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     words, labels = ["Zyxwvut", "lives", "in", "Kraków"], [1, 4, 4, 0]
@@ -131,7 +131,7 @@ def test_conll_text_file_and_predict_entities(ner):
                          max_steps=40, learning_rate=5e-3, per_device_train_batch_size=8))
     results = json.loads((out / "eval_results.json").read_text())
     assert {"eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "eval_f1_PER", "eval_f1_LOC"} <= set(results)
-    proc = subprocess.run([sys.executable, "-m", "fine_tune.predict", "--model", str(out / "final"),
+    proc = subprocess.run([sys.executable, "-m", "fine_tune.commands.predict", "--model", str(out / "final"),
                            "--text", "yesterday alice went to tokyo"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -140,7 +140,7 @@ def test_conll_text_file_and_predict_entities(ner):
 
 def test_real_ner_beats_all_o(tmp_path):
     """WNUT-2016 tweets with MiniLM: all-O tagging has entity F1 0."""
-    from fine_tune.prepare_data import prepare_ner
+    from fine_tune.commands.prepare_data import prepare_ner
 
     data = prepare_ner(ROOT / "data")
     results = run_recipe("ner.yaml", data, tmp_path / "wnut", num_train_epochs=2, learning_rate=2e-4,
@@ -152,7 +152,7 @@ def test_real_ner_beats_all_o(tmp_path):
 def test_real_regression_beats_the_mean(tmp_path):
     import numpy as np
 
-    from fine_tune.prepare_data import prepare_sentiment
+    from fine_tune.commands.prepare_data import prepare_sentiment
 
     data = prepare_sentiment(ROOT / "data")
     results = run_recipe("regression.yaml", data, tmp_path / "reg", max_train_samples=800, max_eval_samples=300,

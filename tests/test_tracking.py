@@ -205,9 +205,9 @@ class _Failing:
 
 
 def test_a_failing_tracker_warns_once_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, capsys):
-    from fine_tune.checkpoint import TrainState
-    from fine_tune.config import parse_args
-    from fine_tune.tracking import Tracker
+    from fine_tune.core.checkpoint import TrainState
+    from fine_tune.core.config import parse_args
+    from fine_tune.core.tracking import Tracker
 
     failing = _Failing()
     monkeypatch.setattr(Tracker, "_tensorboard", lambda self, state: failing)
@@ -232,7 +232,7 @@ def test_a_failing_tracker_warns_once_and_metrics_jsonl_goes_on(tmp_path, monkey
 
 
 def test_tracker_names_round_trip():
-    from fine_tune.tracking import flat_name, tracker_name
+    from fine_tune.core.tracking import flat_name, tracker_name
 
     for key, tag in (("loss", "train/loss"), ("learning_rate", "train/learning_rate"),
                      ("eval_accuracy", "eval/accuracy"), ("eval_f1_weighted", "eval/f1_weighted"),

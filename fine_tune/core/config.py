@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fine_tune.errors import UserError
+from fine_tune.core.errors import UserError
 
 # transformers.get_scheduler's names (checked against transformers in the tests) ...
 HF_SCHEDULERS = (

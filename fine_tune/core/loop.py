@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from fine_tune import EXIT_CHECKPOINTED
-from fine_tune.config import TrainConfig, save_config
-from fine_tune.errors import UserError
+from fine_tune.core.config import TrainConfig, save_config
+from fine_tune.core.errors import UserError
 
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                     "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
@@ -175,8 +175,8 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
     import numpy as np
     import torch
 
-    from fine_tune import metrics as M
-    from fine_tune.model import example_losses
+    from fine_tune.core import metrics as M
+    from fine_tune.core.model import example_losses
 
     model.eval()
     losses, units, preds, golds = [], [], [], []
@@ -239,12 +239,12 @@ def run(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from fine_tune import checkpoint as C
-    from fine_tune import data as D
-    from fine_tune.metrics import load_extra_metric
-    from fine_tune.model import example_losses, load_model, load_tokenizer
-    from fine_tune.optim import build_optimizer, build_scheduler, is_plateau
-    from fine_tune.tracking import Tracker, truncate_metrics
+    from fine_tune.core import checkpoint as C
+    from fine_tune.core import data as D
+    from fine_tune.core.metrics import load_extra_metric
+    from fine_tune.core.model import example_losses, load_model, load_tokenizer
+    from fine_tune.core.optim import build_optimizer, build_scheduler, is_plateau
+    from fine_tune.core.tracking import Tracker, truncate_metrics
 
     # ---------------------------------------------------------------- setup
     stop = StopSignal()

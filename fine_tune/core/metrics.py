@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from fine_tune.errors import UserError
+from fine_tune.core.errors import UserError
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:

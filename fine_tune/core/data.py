@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from fine_tune.errors import UserError
+from fine_tune.core.errors import UserError
 
 IGNORE_INDEX = -100
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -78,7 +78,7 @@ def load_local_file(path: str):
     if kind == "conll":
         from datasets import Dataset
 
-        from fine_tune.prepare_data import read_conll
+        from fine_tune.core.conll import read_conll
 
         rows = read_conll(Path(path).read_text(encoding="utf-8"))
         if not rows:

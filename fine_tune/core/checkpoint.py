@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fine_tune.config import MATHS_FIELDS, TrainConfig, save_config
-from fine_tune.errors import UserError
+from fine_tune.core.config import MATHS_FIELDS, TrainConfig, save_config
+from fine_tune.core.errors import UserError
 
 STATE_FILE = "train_state.json"
 CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename

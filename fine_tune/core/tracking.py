@@ -96,7 +96,7 @@ def _process_start_time() -> float:
 # ------------------------------------------------------------------ run metadata
 def git_info(root: Optional[Path] = None) -> dict:
     """Commit of the code that runs (and whether it has uncommitted changes), if in git."""
-    root = root or Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[2]
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,

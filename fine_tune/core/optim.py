@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fine_tune.config import HF_SCHEDULERS, TrainConfig
-from fine_tune.errors import UserError
+from fine_tune.core.config import HF_SCHEDULERS, TrainConfig
+from fine_tune.core.errors import UserError
 
 PLATEAU = ("plateau", "reduce_lr_on_plateau")
 
@@ -38,7 +38,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     if cfg.optim == "adamw_torch_fused":
         # The fused kernel made the optimizer step 3x faster on a 2-core CPU (100 -> 33 ms for
-        # MiniLM, fine_tune.bench), the difference between trailing and matching the Trainer.
+        # MiniLM, fine_tune.commands.bench), the difference between trailing and matching the Trainer.
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         except RuntimeError:  # no fused kernel for this device or dtype

@@ -11,8 +11,8 @@ import difflib
 import os
 from pathlib import Path
 
-from fine_tune.config import DEFAULT_MODEL
-from fine_tune.errors import UserError
+from fine_tune.core.config import DEFAULT_MODEL
+from fine_tune.core.errors import UserError
 
 
 def resolve_model_path(name: str) -> str:

@@ -1,0 +1,608 @@
+"""Look at the data before training: splits, labels, token lengths, tokenization.
+
+    python -m fine_tune.explore --train_file data/sentiment/train.jsonl \\
+        --validation_file data/sentiment/validation.jsonl --test_file data/sentiment/test.jsonl \\
+        --show_tokens "Hello, how are you?" --plots plots/
+
+Takes the data flags of ``train.py`` (hub name or local files, column names, task, model
+for the tokenizer, ``--max_length``; or ``--config RECIPE.yaml``) and loads the data the
+way training does. Prints:
+
+* examples per split, and a few examples of each label;
+* the label distribution per split (counts, shares), the imbalance ratio (majority /
+  minority count in train) and the majority-class baseline (always predicting train's most
+  frequent label) that a model has to beat; regression: label statistics and the MSE of
+  predicting train's mean; token classification: tag and entity counts, words per sentence;
+* token lengths under the tokenizer, special tokens included (min, median, mean, p90, p95,
+  p99, max; percentiles interpolate linearly, as numpy's default), the share of examples
+  that ``--max_length`` truncates, and a recommended ``--max_length``: the train p99
+  rounded up to a multiple of 8 (capped at what the model accepts);
+* ``--show_tokens TEXT``: tokens, ids, special tokens and the decoded round trip.
+
+``--plots DIR`` writes ``label_distribution.png`` and ``token_lengths.png``; ``--json``
+prints the same facts as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from fine_tune.core.tables import fmt_value, format_table
+from fine_tune.core.config import ConfigError, TrainConfig, config_from_dict, load_yaml, main_guard
+from fine_tune.core.errors import UserError
+
+# TrainConfig options that explore takes (same names and meaning as in train.py)
+DATA_OPTIONS = (
+    "model_name_or_path", "tokenizer_name", "task", "dataset_name", "dataset_config_name", "train_file",
+    "validation_file", "test_file", "text_column", "text_pair_column", "label_column", "tokens_column",
+    "tags_column", "validation_split_percentage", "max_train_samples", "max_eval_samples", "max_length", "seed",
+)
+PERCENTILES = (90, 95, 99)
+EXAMPLE_CHARS = 110  # text shown per example in the terminal (JSON keeps the whole text)
+LABEL_PLOT = "label_distribution.png"
+LENGTH_PLOT = "token_lengths.png"
+
+
+# ------------------------------------------------------------------ options
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fine_tune.explore", allow_abbrev=False,
+        description="Explore a data set before fine-tuning: splits, label distribution and baseline, token "
+                    "lengths and a recommended --max_length, what tokenization does to a text. Takes the data "
+                    "flags of train.py.")
+    parser.add_argument("--config", help="YAML recipe of train.py; its data options are used, flags override")
+    group = parser.add_argument_group("data (as in train.py)")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in DATA_OPTIONS:
+        meta = fields[name].metadata
+        kw = {"help": f"{meta['help']} (default: {fields[name].default})", "default": argparse.SUPPRESS}
+        if "choices" in meta:
+            kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+        group.add_argument(f"--{name}", dest=name, **kw)
+    out = parser.add_argument_group("explore")
+    out.add_argument("--split", help="look at this split only (default: every split)")
+    out.add_argument("--examples", type=int, default=2, metavar="N", help="examples shown per label (default: 2)")
+    out.add_argument("--show_tokens", metavar="TEXT", help="show how the tokenizer splits TEXT")
+    out.add_argument("--plots", metavar="DIR", help="write label_distribution.png and token_lengths.png here")
+    out.add_argument("--json", action="store_true", help="print the facts as JSON instead of tables")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = build_parser()
+
+    def error(message):
+        raise ConfigError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    values = load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in DATA_OPTIONS})
+    cfg = config_from_dict(values, source=args.config or "")
+    if args.examples < 0:
+        raise ConfigError(f"--examples {args.examples} is not allowed: must be >= 0")
+    return cfg, args
+
+
+# ------------------------------------------------------------------ numbers
+def length_stats(lengths) -> dict:
+    """min, median, mean, p90, p95, p99, max of a list of lengths (numpy's linear percentiles)."""
+    import numpy as np
+
+    arr = np.asarray(lengths, dtype=float)
+    if arr.size == 0:
+        return {"count": 0}
+    out = {"count": int(arr.size), "min": int(arr.min()), "median": float(np.median(arr)),
+           "mean": float(arr.mean())}
+    for p in PERCENTILES:
+        out[f"p{p}"] = float(np.percentile(arr, p))
+    out["max"] = int(arr.max())
+    return out
+
+
+def recommend_max_length(p99: float, model_max: Optional[int]) -> int:
+    """Smallest multiple of 8 that covers p99 (at least 8), capped at the model's limit."""
+    value = max(8, int(math.ceil(p99 / 8.0)) * 8)
+    if model_max:
+        value = min(value, model_max)
+    return value
+
+
+def model_max_length(tokenizer) -> Optional[int]:
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if value and value < 1_000_000 else None  # huge sentinel: unknown
+
+
+def _shares(counts: dict) -> dict:
+    total = sum(counts.values())
+    return {k: (v / total if total else 0.0) for k, v in counts.items()}
+
+
+def _display_label(value, names: list[str]) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    return str(value)
+
+
+# ------------------------------------------------------------------ tokenization
+def token_lengths(ds, tokenizer, cfg) -> tuple[list[int], int, int]:
+    """Tokens per example with special tokens and no truncation; also (unknown, total) token counts."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than the model accepts" is what we measure
+    lengths, unknown, total = [], 0, 0
+    unk = tokenizer.unk_token_id
+    try:
+        for start in range(0, len(ds), 1000):
+            batch = ds[start:start + 1000]
+            if cfg.task == "token-classification":
+                words = [[str(w) for w in row] for row in batch[cfg.tokens_column]]
+                enc = tokenizer(words, is_split_into_words=True, truncation=False)
+            else:
+                texts = ["" if t is None else str(t) for t in batch[cfg.text_column]]
+                pairs = (["" if t is None else str(t) for t in batch[cfg.text_pair_column]]
+                         if cfg.text_pair_column else None)
+                enc = tokenizer(texts, pairs, truncation=False)
+            for ids in enc["input_ids"]:
+                lengths.append(len(ids))
+                total += len(ids)
+                if unk is not None:
+                    unknown += sum(1 for i in ids if i == unk)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return lengths, unknown, total
+
+
+def show_tokens(tokenizer, text: str) -> dict:
+    """What the tokenizer does to one text: tokens, ids, special tokens, the decoded round trip."""
+    enc = tokenizer(text, return_special_tokens_mask=True)
+    ids = list(enc["input_ids"])
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    mask = enc.get("special_tokens_mask") or [0] * len(ids)
+    decoded = tokenizer.decode(ids)
+    plain = tokenizer.decode(ids, skip_special_tokens=True)
+    norm = lambda s: " ".join(s.split())  # noqa: E731
+    if plain == text:
+        round_trip = "exact"
+    elif norm(plain) == norm(text):
+        round_trip = "same up to whitespace"
+    elif norm(plain).lower() == norm(text).lower():
+        round_trip = "same up to case (this tokenizer lower-cases)"
+    else:
+        round_trip = "lossy"
+    special_map = {}
+    for name in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None and str(token) not in special_map:
+            special_map[str(token)] = tokenizer.convert_tokens_to_ids(str(token))
+    return {
+        "text": text, "tokens": tokens, "ids": ids, "num_tokens": len(ids),
+        "special_tokens_in_text": [t for t, m in zip(tokens, mask) if m],
+        "special_tokens": special_map,
+        "unknown_tokens": sum(1 for i in ids if tokenizer.unk_token_id is not None and i == tokenizer.unk_token_id),
+        "decoded": decoded, "decoded_without_special_tokens": plain, "round_trip": round_trip,
+    }
+
+
+# ------------------------------------------------------------------ facts
+def _label_values(ds, cfg) -> list:
+    return list(ds[cfg.label_column])
+
+
+def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
+            show_text: Optional[str] = None, tokenizer=None) -> dict:
+    """Every fact explore prints, as a JSON-ready dict."""
+    from fine_tune.core import data as D
+    from fine_tune.core.model import load_tokenizer
+
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
+    splits = D.load_raw_splits(cfg)
+    if split is not None:
+        if split not in splits:
+            raise UserError(f"--split {split!r}: the data has the splits {', '.join(splits)}")
+        splits = {split: splits[split]}
+    if cfg.task == "token-classification":
+        needed = {"tokens_column": cfg.tokens_column, "tags_column": cfg.tags_column}
+    else:
+        needed = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+                  "label_column": cfg.label_column}
+    for name, ds in splits.items():
+        D.check_columns(ds, needed, name)
+    labels = D.infer_labels(splits, cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    ref = "train" if "train" in splits else next(iter(splits))
+    facts: dict = {
+        "task": cfg.task,
+        "tokenizer": cfg.tokenizer_name or cfg.model_name_or_path,
+        "splits": {name: len(ds) for name, ds in splits.items()},
+        "columns": list(splits[ref].column_names),
+        "reference_split": ref,
+    }
+
+    # ---- labels
+    if cfg.task == "text-classification":
+        facts["labels"] = _classification_labels(splits, cfg, labels.names, ref, examples)
+    elif cfg.task == "regression":
+        facts["labels"] = _regression_labels(splits, cfg, ref, examples)
+    else:
+        facts["labels"] = _tag_labels(splits, cfg, labels.names, ref, examples)
+
+    # ---- token lengths
+    limit = model_max_length(tokenizer)
+    per_split = {}
+    lengths_by_split = {}
+    for name, ds in splits.items():
+        lengths, unknown, total = token_lengths(ds, tokenizer, cfg)
+        lengths_by_split[name] = lengths
+        stats = length_stats(lengths)
+        truncated = int(sum(1 for n in lengths if n > cfg.max_length))
+        stats.update({"truncated": truncated, "truncated_share": truncated / len(lengths) if lengths else 0.0,
+                      "unknown_token_share": unknown / total if total else 0.0})
+        per_split[name] = stats
+    p99 = per_split[ref]["p99"]
+    facts["token_lengths"] = {
+        "max_length": cfg.max_length, "model_max_length": limit, "splits": per_split,
+        "recommended_max_length": recommend_max_length(p99, limit),
+        "recommended_from": f"p99 of {ref}",
+    }
+    if show_text is not None:
+        facts["tokenization"] = show_tokens(tokenizer, show_text)
+    facts["_lengths"] = lengths_by_split  # for the plots; dropped from the printed facts
+    return facts
+
+
+def _examples_by_label(ds, text_of, label_of, names: list[str], n: int) -> dict:
+    found: dict[str, list] = {name: [] for name in names}
+    if n <= 0:
+        return {}
+    for i in range(len(ds)):
+        row = ds[i]
+        name = label_of(row)
+        bucket = found.setdefault(name, [])
+        if len(bucket) < n:
+            bucket.append(text_of(row))
+        if all(len(v) >= n for v in found.values()):
+            break
+    return found
+
+
+def _text_of(cfg):
+    def text(row):
+        t = "" if row[cfg.text_column] is None else str(row[cfg.text_column])
+        if cfg.text_pair_column:
+            t += " ||| " + ("" if row[cfg.text_pair_column] is None else str(row[cfg.text_pair_column]))
+        return t
+    return text
+
+
+def _classification_labels(splits, cfg, names, ref, n_examples) -> dict:
+    counts = {}
+    for name, ds in splits.items():
+        c = Counter(_display_label(v, names) for v in _label_values(ds, cfg))
+        counts[name] = {label: int(c.get(label, 0)) for label in names}
+    train_counts = counts[ref]
+    majority = max(names, key=lambda label: (train_counts[label], -names.index(label)))
+    minority = min(names, key=lambda label: (train_counts[label], names.index(label)))
+    ratio = train_counts[majority] / train_counts[minority] if train_counts[minority] else None
+    return {
+        "kind": "classes", "names": names, "counts": counts, "shares": {k: _shares(v) for k, v in counts.items()},
+        "imbalance_ratio": ratio, "majority_label": majority, "minority_label": minority,
+        "missing_in_reference": [label for label in names if train_counts[label] == 0],
+        # always predicting train's majority label scores its share of each split
+        "majority_baseline_accuracy": {k: _shares(v)[majority] for k, v in counts.items()},
+        "examples": _examples_by_label(splits[ref], _text_of(cfg),
+                                       lambda row: _display_label(row[cfg.label_column], names), names, n_examples),
+    }
+
+
+def _regression_labels(splits, cfg, ref, n_examples) -> dict:
+    import numpy as np
+
+    stats, values = {}, {}
+    for name, ds in splits.items():
+        arr = np.asarray([float(v) for v in _label_values(ds, cfg)], dtype=float)
+        values[name] = arr
+        stats[name] = {"count": int(arr.size), "mean": float(arr.mean()), "std": float(arr.std()),
+                       "min": float(arr.min()), "p25": float(np.percentile(arr, 25)),
+                       "median": float(np.median(arr)), "p75": float(np.percentile(arr, 75)), "max": float(arr.max())}
+    mean = float(values[ref].mean())
+    examples = []
+    ds = splits[ref]
+    text = _text_of(cfg)
+    for i in range(min(n_examples * 3, len(ds))):
+        examples.append({"label": float(ds[i][cfg.label_column]), "text": text(ds[i])})
+    return {
+        "kind": "values", "stats": stats,
+        # always predicting train's mean label
+        "mean_baseline": {"prediction": mean,
+                          "mse": {k: float(((v - mean) ** 2).mean()) for k, v in values.items()},
+                          "mae": {k: float(np.abs(v - mean).mean()) for k, v in values.items()}},
+        "examples": examples, "_values": {k: v.tolist() for k, v in values.items()},
+    }
+
+
+def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
+    from fine_tune.core.metrics import extract_entities
+
+    counts, entities, words, no_entity = {}, {}, {}, {}
+    for name, ds in splits.items():
+        tag_counter: Counter = Counter()
+        entity_counter: Counter = Counter()
+        per_sentence, empty = [], 0
+        for tags in ds[cfg.tags_column]:
+            tags = [_display_label(t, names) for t in tags]
+            tag_counter.update(tags)
+            per_sentence.append(len(tags))
+            spans = extract_entities(tags)  # as the entity F1 of evaluation reads them
+            entity_counter.update(kind for kind, _, _ in spans)
+            empty += not spans
+        counts[name] = {t: int(tag_counter.get(t, 0)) for t in names}
+        entities[name] = dict(sorted(entity_counter.items(), key=lambda kv: -kv[1]))
+        words[name] = length_stats(per_sentence)
+        no_entity[name] = empty / len(ds) if len(ds) else 0.0
+    outside = "O" if "O" in names else None
+    train_counts = counts[ref]
+    majority = max(names, key=lambda t: train_counts[t])
+    present = [t for t in names if train_counts[t] > 0]
+    minority = min(present, key=lambda t: train_counts[t]) if present else majority
+    examples = []
+    ds = splits[ref]
+    for i in range(len(ds)):
+        row = ds[i]
+        tags = [_display_label(t, names) for t in row[cfg.tags_column]]
+        if any(t != outside for t in tags):
+            examples.append(" ".join(f"{w}/{t}" if t != outside else str(w)
+                                     for w, t in zip(row[cfg.tokens_column], tags)))
+        if len(examples) >= n_examples * 2:
+            break
+    return {
+        "kind": "tags", "names": names, "counts": counts, "shares": {k: _shares(v) for k, v in counts.items()},
+        "entities": entities, "sentences_without_entities": no_entity, "words_per_sentence": words,
+        "imbalance_ratio": train_counts[majority] / train_counts[minority] if train_counts[minority] else None,
+        "majority_label": majority, "minority_label": minority,
+        # tagging every token with train's most frequent tag (usually O): token accuracy, entity F1 0
+        "majority_baseline_accuracy": {k: _shares(v)[majority] for k, v in counts.items()},
+        "examples": examples,
+    }
+
+
+# ------------------------------------------------------------------ plots
+def write_plots(facts: dict, folder: str | Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    labels = facts["labels"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    # ---- label distribution
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    if labels["kind"] == "values":
+        for i, (name, values) in enumerate(labels["_values"].items()):
+            ax.hist(values, bins=40, histtype="stepfilled" if i == 0 else "step", alpha=0.5 if i == 0 else 1,
+                    density=True, color=colors[i % len(colors)], linewidth=1.6, label=f"{name} (n={len(values)})")
+        ax.axvline(labels["mean_baseline"]["prediction"], color="black", linestyle="--", linewidth=1,
+                   label=f"{facts['reference_split']} mean (the baseline prediction)")
+        ax.set(title="Label distribution", xlabel="label value", ylabel="density")
+    else:
+        names = list(labels["names"])
+        note = ""
+        if labels["kind"] == "tags" and "O" in names:
+            share_o = labels["shares"][facts["reference_split"]]["O"]
+            names.remove("O")
+            note = f" (O: {share_o:.1%} of {facts['reference_split']} tokens, not shown)"
+        splits = list(labels["counts"])
+        width = 0.8 / max(len(splits), 1)
+        x = np.arange(len(names))
+        for i, split in enumerate(splits):
+            shares = [100 * labels["shares"][split][n] for n in names]
+            bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, shares, width,
+                          label=f"{split} (n={sum(labels['counts'][split].values())})", color=colors[i % len(colors)])
+            if split == facts["reference_split"]:
+                for bar, n in zip(bars, names):
+                    ax.annotate(str(labels["counts"][split][n]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(x, names, rotation=30 if max((len(n) for n in names), default=0) > 8 else 0,
+                      ha="right" if max((len(n) for n in names), default=0) > 8 else "center")
+        unit = "tokens" if labels["kind"] == "tags" else "examples"
+        ax.set(title=f"Label distribution{note}", ylabel=f"% of {unit}")
+        if labels["kind"] == "classes":
+            base = labels["majority_baseline_accuracy"].get(facts["reference_split"])
+            ax.axhline(100 * base, color="black", linestyle=":", linewidth=1,
+                       label=f"majority class '{labels['majority_label']}' ({base:.1%})")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / LABEL_PLOT, dpi=110)
+    plt.close(fig)
+    written.append(str(out / LABEL_PLOT))
+
+    # ---- token lengths
+    info = facts["token_lengths"]
+    ref = facts["reference_split"]
+    lengths = facts["_lengths"][ref]
+    stats = info["splits"][ref]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    top = max(max(lengths), info["max_length"]) if lengths else info["max_length"]
+    bins = np.arange(0, top + 2, max(1, int(math.ceil((top + 1) / 60))))
+    ax.hist(lengths, bins=bins, color=colors[0], alpha=0.8, label=f"{ref} (n={len(lengths)})")
+    ax.axvline(info["max_length"], color="red", linewidth=2,
+               label=f"--max_length {info['max_length']}: {_pct(stats['truncated_share'])} truncated")
+    rec = info["recommended_max_length"]
+    if rec != info["max_length"]:
+        ax.axvline(rec, color="green", linewidth=1.5, linestyle="--",
+                   label=f"recommended {rec} (p99 = {stats['p99']:.1f})")
+    ax.axvline(stats["median"], color="black", linewidth=1, linestyle=":", label=f"median {stats['median']:g}")
+    ax.set(title=f"Token lengths under {facts['tokenizer']} (special tokens included)",
+           xlabel="tokens per example", ylabel="examples")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / LENGTH_PLOT, dpi=110)
+    plt.close(fig)
+    written.append(str(out / LENGTH_PLOT))
+    return written
+
+
+# ------------------------------------------------------------------ printing
+def public(facts: dict) -> dict:
+    """The facts without the raw arrays kept for the plots."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not str(k).startswith("_")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+    return clean(facts)
+
+
+def _short(text: str, n: int = EXAMPLE_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _pct(share: float) -> str:
+    if share == 0:
+        return "0%"
+    return f"{100 * share:.2f}%" if share < 0.001 else f"{100 * share:.1f}%"
+
+
+def _num(value) -> str:
+    """Token statistics: integers as such, other values with one decimal."""
+    if value is None:
+        return "-"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def render(facts: dict) -> str:
+    out = []
+    splits = facts["splits"]
+    ref = facts["reference_split"]
+    labels = facts["labels"]
+    out.append(f"Data: {facts['task']}, columns {', '.join(facts['columns'])}")
+    out.append(format_table(["split", "examples"], [[k, v] for k, v in splits.items()]))
+
+    names = list(splits)
+    if labels["kind"] in ("classes", "tags"):
+        what = "Labels" if labels["kind"] == "classes" else "Tags (per token)"
+        out.append(f"{what}: {len(labels['names'])}")
+        rows = [[label] + [f"{labels['counts'][s][label]} ({_pct(labels['shares'][s][label])})" for s in names]
+                for label in labels["names"]]
+        header = "label" if labels["kind"] == "classes" else "tag"
+        out.append(format_table([header] + names, rows, numeric=[False] + [True] * len(names)))
+        ratio = labels["imbalance_ratio"]
+        ratio_text = f"{ratio:.2f}" if ratio is not None else "inf (a label never occurs)"
+        out.append(f"imbalance ratio ({ref}, majority/minority): {ratio_text} "
+                   f"('{labels['majority_label']}' / '{labels['minority_label']}')")
+        if labels.get("missing_in_reference"):
+            out.append(f"labels absent from {ref}: {', '.join(labels['missing_in_reference'])}")
+        base = ", ".join(f"{v:.4f} on {k}" for k, v in labels["majority_baseline_accuracy"].items())
+        unit = "token accuracy" if labels["kind"] == "tags" else "accuracy"
+        out.append(f"majority-class baseline (always '{labels['majority_label']}'): {unit} {base}\n")
+        if labels["kind"] == "tags":
+            ent_names = list(dict.fromkeys(k for s in names for k in labels["entities"][s]))
+            if ent_names:
+                out.append("Entities (spans)")
+                out.append(format_table(["entity"] + names, [[e] + [labels["entities"][s].get(e, 0) for s in names]
+                                                              for e in ent_names]))
+            w = labels["words_per_sentence"]
+            out.append("Words per sentence")
+            out.append(format_table(["stat"] + names, [[k] + [_num(w[s].get(k)) for s in names] for k in
+                                                        ("min", "median", "mean", "p95", "max")],
+                                    numeric=[False] + [True] * len(names)))
+            out.append("sentences without entities: "
+                       + ", ".join(f"{_pct(v)} of {k}" for k, v in labels["sentences_without_entities"].items()) + "\n")
+    else:
+        out.append("Label values")
+        st = labels["stats"]
+        out.append(format_table(["stat"] + names, [[k] + [st[s][k] for s in names] for k in
+                                                    ("count", "mean", "std", "min", "p25", "median", "p75", "max")]))
+        b = labels["mean_baseline"]
+        out.append(f"mean baseline (always predict {b['prediction']:.4f}, the {ref} mean): MSE "
+                   + ", ".join(f"{v:.4f} on {k}" for k, v in b["mse"].items()) + "\n")
+
+    tl = facts["token_lengths"]
+    out.append(f"Token lengths under {facts['tokenizer']} (special tokens included)")
+    stat_rows = [[k] + [_num(tl["splits"][s].get(k)) for s in names]
+                 for k in ("min", "median", "mean", "p90", "p95", "p99", "max")]
+    stat_rows.append([f"> --max_length {tl['max_length']}"] +
+                     [f"{tl['splits'][s]['truncated']} ({_pct(tl['splits'][s]['truncated_share'])})" for s in names])
+    stat_rows.append(["unknown tokens"] + [_pct(tl["splits"][s]["unknown_token_share"]) for s in names])
+    out.append(format_table(["tokens"] + names, stat_rows, numeric=[False] + [True] * len(names)))
+    limit = f", the model accepts {tl['model_max_length']}" if tl["model_max_length"] else ""
+    out.append(f"recommended --max_length: {tl['recommended_max_length']} "
+               f"(covers the {ref} p99 of {fmt_value(tl['splits'][ref]['p99'])} tokens, a multiple of 8{limit}); "
+               f"now {tl['max_length']}\n")
+
+    if labels["kind"] == "classes" and labels["examples"]:
+        n = max(len(v) for v in labels["examples"].values())
+        out.append(f"Examples ({ref}, first {n} of each label)")
+        rows = [[label, _short(t)] for label, texts in labels["examples"].items() for t in texts]
+        out.append(format_table(["label", "text"], rows))
+    elif labels["kind"] == "values" and labels["examples"]:
+        out.append(f"Examples ({ref})")
+        out.append(format_table(["label", "text"], [[e["label"], _short(e["text"])] for e in labels["examples"]]))
+    elif labels["kind"] == "tags" and labels["examples"]:
+        out.append(f"Examples with entities ({ref}; word/TAG, O words bare)")
+        out.extend(f"  {_short(e, 160)}" for e in labels["examples"])
+        out.append("")
+
+    tok = facts.get("tokenization")
+    if tok:
+        out.append(f"Tokenization of {tok['text']!r}: {tok['num_tokens']} tokens")
+        per_line = 10
+        for start in range(0, len(tok["tokens"]), per_line):
+            toks, ids = tok["tokens"][start:start + per_line], tok["ids"][start:start + per_line]
+            widths = [max(len(str(t)), len(str(i))) for t, i in zip(toks, ids)]
+            out.append("  token  " + "  ".join(str(t).ljust(w) for t, w in zip(toks, widths)))
+            out.append(("  id     " + "  ".join(str(i).ljust(w) for i, w in zip(ids, widths))).rstrip())
+        specials = ", ".join(f"{t}={i}" for t, i in tok["special_tokens"].items())
+        out.append(f"special tokens added: {' '.join(tok['special_tokens_in_text']) or 'none'}  "
+                   f"(the tokenizer's special tokens: {specials})")
+        out.append(f"decoded:                        {tok['decoded']}")
+        out.append(f"decoded without special tokens: {tok['decoded_without_special_tokens']}")
+        out.append(f"round trip: {tok['round_trip']}" +
+                   (f"; {tok['unknown_tokens']} unknown token(s)" if tok["unknown_tokens"] else "") + "\n")
+    if facts.get("plots"):
+        out.append("plots: " + ", ".join(facts["plots"]))
+    return "\n".join(out).rstrip() + "\n"
+
+
+@main_guard
+def main(argv: Optional[list[str]] = None) -> None:
+    cfg, args = parse_args(argv)
+    facts = explore(cfg, split=args.split, examples=args.examples, show_text=args.show_tokens)
+    if args.plots:
+        facts["plots"] = write_plots(facts, args.plots)
+    if args.json:
+        print(json.dumps(public(facts), indent=2))
+    else:
+        sys.stdout.write(render(facts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Score or label data with a fine-tuned model (``OUTPUT_DIR/final``).
+
+    python -m fine_tune.predict --model runs/sentiment/final --file data/sentiment/test.jsonl
+    python -m fine_tune.predict --model runs/sentiment/final --text "What a lovely day"
+    python -m fine_tune.predict --model runs/ner/final --text "Pizza at Joe's in Brooklyn"
+
+A file with a label column is scored (metrics and a confusion matrix); a file without one is
+labelled (``--output preds.jsonl``, else printed). The task (text classification, token
+classification or regression) is read from the model's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fine_tune.core.config import main_guard
+from fine_tune.core.errors import UserError
+
+
+def detect_task(config) -> str:
+    if config.problem_type == "regression" or config.num_labels == 1:
+        return "regression"
+    if any(a.endswith("ForTokenClassification") for a in (config.architectures or [])):
+        return "token-classification"
+    return "text-classification"
+
+
+def load(model_dir: str):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, \
+        AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise UserError(f"--model {model_dir} holds no model (no config.json); give OUTPUT_DIR/final")
+    config = AutoConfig.from_pretrained(path)
+    task = detect_task(config)
+    cls = AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), model, task
+
+
+def predict_batches(texts: list, tokenizer, model, task: str, batch_size: int = 64, max_length: int = 512):
+    """Predictions for texts (strings, or word lists for token classification), in input order."""
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths together
+    out: list = [None] * len(texts)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = [texts[i] for i in idx]
+            enc = tokenizer(batch, is_split_into_words=task == "token-classification", truncation=True,
+                            max_length=max_length, padding=True, return_tensors="pt")
+            logits = model(**enc).logits.float()
+            for row, i in enumerate(idx):
+                if task == "regression":
+                    out[i] = float(logits[row, 0])
+                elif task == "token-classification":
+                    word_ids = enc.word_ids(row)
+                    pred, seen = [], set()
+                    for pos, wid in enumerate(word_ids):
+                        if wid is not None and wid not in seen:
+                            seen.add(wid)
+                            pred.append(int(logits[row, pos].argmax()))
+                    pred += [0] * (len(texts[i]) - len(pred))  # words cut by truncation
+                    out[i] = pred
+                else:
+                    probs = logits[row].softmax(-1)
+                    out[i] = (int(probs.argmax()), float(probs.max()))
+    return out
+
+
+def entities(words: list[str], tags: list[str]) -> list[dict]:
+    from fine_tune.core.metrics import extract_entities
+
+    return [{"type": t, "text": " ".join(words[s:e]), "start_word": s, "end_word": e}
+            for t, s, e in sorted(extract_entities(tags), key=lambda x: x[1])]
+
+
+def read_file(path: str):
+    from fine_tune.core.data import load_local_file
+
+    return load_local_file(path)
+
+
+@main_guard
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="folder written by train.py (OUTPUT_DIR/final)")
+    p.add_argument("--file", help="csv/json/jsonl/parquet to score (with labels) or label (without)")
+    p.add_argument("--text", action="append", help="a text to label (repeatable)")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--tokens_column", default="tokens")
+    p.add_argument("--tags_column", default="tags")
+    p.add_argument("--output", help="write predictions here (jsonl)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=512)
+    args = p.parse_args(argv)
+    if not args.file and not args.text:
+        raise UserError("give --file PATH or --text 'some text'")
+    tokenizer, model, task = load(args.model)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+
+    if args.text:
+        inputs = [t.split() for t in args.text] if task == "token-classification" else args.text
+        for text, pred in zip(args.text, predict_batches(inputs, tokenizer, model, task, args.batch_size,
+                                                          args.max_length)):
+            if task == "regression":
+                print(f"{pred:.3f}\t{text}")
+            elif task == "token-classification":
+                found = entities(text.split(), [id2label[t] for t in pred])
+                print(text)
+                for ent in found:
+                    print(f"  {ent['type']}: {ent['text']}")
+                if not found:
+                    print("  (no entities)")
+            else:
+                print(f"{id2label[pred[0]]}\t{pred[1]:.3f}\t{text}")
+        return {}
+
+    ds = read_file(args.file)
+    column = args.tokens_column if task == "token-classification" else args.text_column
+    if column not in ds.column_names:
+        raise UserError(f"{args.file} has no column {column!r}; its columns are: {', '.join(ds.column_names)}")
+    inputs = ds[column]
+    preds = predict_batches(inputs, tokenizer, model, task, args.batch_size, args.max_length)
+    gold_column = args.tags_column if task == "token-classification" else args.label_column
+    result = {}
+    if gold_column in ds.column_names:
+        result = score(preds, ds[gold_column], task, id2label)
+    if args.output or not result:
+        rows = []
+        for i, pred in enumerate(preds):
+            if task == "regression":
+                rows.append({"prediction": pred})
+            elif task == "token-classification":
+                tags = [id2label[t] for t in pred]
+                rows.append({"tags": tags, "entities": entities(inputs[i], tags)})
+            else:
+                rows.append({"label": id2label[pred[0]], "score": pred[1]})
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if args.output:
+            Path(args.output).write_text(text)
+            print(f"wrote {len(rows)} predictions to {args.output}")
+        else:
+            sys.stdout.write(text)
+    return result
+
+
+def score(preds, gold, task: str, id2label: dict) -> dict:
+    import numpy as np
+
+    from fine_tune.core import metrics as M
+
+    label2id = {v: k for k, v in id2label.items()}
+    if task == "regression":
+        result = M.regression_metrics(np.array(preds), np.array(gold, dtype=float))
+    elif task == "token-classification":
+        true = [[t if isinstance(t, str) else id2label[int(t)] for t in row] for row in gold]
+        result = M.entity_metrics([[id2label[t] for t in p][:len(g)] for p, g in zip(preds, true)], true)
+    else:
+        try:
+            y = np.array([label2id[g] if isinstance(g, str) else int(g) for g in gold])
+        except KeyError as e:
+            raise UserError(f"label {e.args[0]!r} is not one of the model's labels: {', '.join(label2id)}") from None
+        p = np.array([p[0] for p in preds])
+        result = M.classification_metrics(p, y, len(id2label))
+        print(M.confusion(p, y, [id2label[i] for i in range(len(id2label))]))
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
