@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 from fine_tune.core.config import ConfigError, main_guard
 from fine_tune.core.errors import UserError

@@ -233,100 +233,252 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
 
 
 # ------------------------------------------------------------------ the run
-def run(cfg: TrainConfig) -> dict:
-    """Set up, train, evaluate, save. Returns the final evaluation metrics."""
-    import torch
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class TrainingRun:
+    """One training run as a lifecycle: ``setup`` -> ``train`` -> ``finish`` (or ``checkpoint``
+    on a stop signal) -> ``cleanup``. :func:`run` calls them in that order.
 
-    from fine_tune.core import checkpoint as C
-    from fine_tune.core import data as D
-    from fine_tune.core.metrics import load_extra_metric
-    from fine_tune.core.model import example_losses, load_model, load_tokenizer
-    from fine_tune.core.optim import build_optimizer, build_scheduler, is_plateau
-    from fine_tune.core.tracking import Tracker, truncate_metrics
+    ``train`` is the loop itself, flat, read top to bottom; it calls ``optimizer_step`` at each
+    optimizer-step boundary, ``log`` at logging steps, ``evaluate`` and ``save_checkpoint`` at
+    their strategy's steps.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.stop = StopSignal()
+        self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
 
     # ---------------------------------------------------------------- setup
-    stop = StopSignal()
-    resume_path = C.resolve_resume(cfg)
-    accelerator = make_accelerator(cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if resume_path is not None:
-        C.check_compatible(resume_path, cfg, world)
-    check_output_dir(cfg, resuming=resume_path is not None)
-    set_seed(cfg.seed)
-    extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
+    def setup(self) -> None:
+        """Check every input (options, checkpoint, data, model), then build what training needs.
+        Only at the end, once nothing can fail on bad input, is the output folder written."""
+        import torch
+        from accelerate.utils import set_seed
 
-    tokenizer = load_tokenizer(cfg)
-    error = None
-    with accelerator.main_process_first():  # tokenize once; the others read the cache
-        try:
-            splits = D.load_raw_splits(cfg)
-            if "train" not in splits:
-                raise UserError("no training data: give --train_file or a --dataset_name with a train split")
-            labels = D.infer_labels(splits, cfg)
-            tokenized = D.tokenize_splits(splits, tokenizer, cfg, labels)
-        except UserError as e:  # leave the block so the other ranks are not stuck at its barrier
-            error = e
-    if error is not None:
-        raise error
-    train_ds = tokenized["train"]
-    if len(train_ds) < world:
-        raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
-                        "use fewer processes or more data")
-    model = load_model(cfg, labels, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg)
+        from fine_tune.core import checkpoint, data
+        from fine_tune.core.metrics import load_extra_metric
+        from fine_tune.core.model import load_model, load_tokenizer
+        from fine_tune.core.optim import build_optimizer, build_scheduler
+        from fine_tune.core.tracking import Tracker, truncate_metrics
 
-    sampler = D.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
-                            cfg.gradient_accumulation_steps, world, rank, cfg.seed, cfg.group_by_length)
-    collator = D.Collator(tokenizer, cfg)
-    train_loader = D.StepLoader(train_ds, sampler, collator, cfg.dataloader_num_workers)
-    steps_per_epoch = len(sampler)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-
-    configure_deepspeed(accelerator, cfg)
-    if cfg.torch_compile:
-        model = torch.compile(model)
-    eval_loaders = {split: D.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
-                    for split in ("validation", "test") if split in tokenized}
-    # the scheduler is ours and never prepared (accelerate would step it once per process);
-    # the train batches come from our StepSampler, so only evaluation loaders are prepared
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_loaders.values())
-    eval_loaders = dict(zip(eval_loaders, prepared))
-    eval_loader = eval_loaders.get("validation")
-    state = C.TrainState(world_size=world)
-    accelerator.register_for_checkpointing(scheduler, state)
-    if resume_path is not None:
-        C.load_checkpoint(accelerator, resume_path)
-        accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
-                          f"(epoch {state.epoch}, step {state.step_in_epoch} of {steps_per_epoch})")
-    # every input (data, model, checkpoint) is checked by now: only from here on is the output
-    # directory written, so a failed start never damages an earlier run
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg, resuming=resume_path is not None)
+        cfg = self.cfg
+        resume_path = checkpoint.resolve_resume(cfg)
+        self.accelerator = accelerator = make_accelerator(cfg)
+        self.world = world = accelerator.num_processes
         if resume_path is not None:
-            truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.global_step)
-        elif cfg.resume_from_checkpoint == "latest":
-            accelerator.print(f"no checkpoint in {C.checkpoints_dir(cfg.output_dir)} yet: starting fresh")
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    accelerator.wait_for_everyone()
-    run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
-                  "n_params": n_params, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
-    tracker = Tracker(accelerator, cfg, state, run_config)
-    peak = device_peak_flops(cfg)
+            checkpoint.check_compatible(resume_path, cfg, world)
+        check_output_dir(cfg, resuming=resume_path is not None)
+        set_seed(cfg.seed)
+        self.extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
 
-    def log_event(metrics: dict) -> None:
-        tracker.log({"epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4), **metrics},
-                    state.global_step)
+        self.tokenizer = load_tokenizer(cfg)
+        error = None
+        with accelerator.main_process_first():  # tokenize once; the others read the cache
+            try:
+                splits = data.load_raw_splits(cfg)
+                if "train" not in splits:
+                    raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+                self.labels = data.infer_labels(splits, cfg)
+                tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
+            except UserError as e:  # leave the block so the other ranks are not stuck at its barrier
+                error = e
+        if error is not None:
+            raise error
+        self.train_ds = train_ds = tokenized["train"]
+        if len(train_ds) < world:
+            raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
+                            "use fewer processes or more data")
+        model = load_model(cfg, self.labels, self.tokenizer)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(model, cfg)
 
-    evals: dict[int, dict] = {}  # optimizer step -> eval metrics
+        self.sampler = data.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
+                                        cfg.gradient_accumulation_steps, world, accelerator.process_index, cfg.seed,
+                                        cfg.group_by_length)
+        collator = data.Collator(self.tokenizer, cfg)
+        self.train_loader = data.StepLoader(train_ds, self.sampler, collator, cfg.dataloader_num_workers)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
+            math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
 
-    def run_eval() -> dict:
-        result = evaluate(model, eval_loader, accelerator, cfg, labels, extra_metrics)
+        configure_deepspeed(accelerator, cfg)
+        if cfg.torch_compile:
+            model = torch.compile(model)
+        eval_loaders = {split: data.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
+                        for split in ("validation", "test") if split in tokenized}
+        # the scheduler is ours and never prepared (accelerate would step it once per process);
+        # the train batches come from our StepSampler, so only evaluation loaders are prepared
+        self.model, self.optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_loaders.values())
+        self.eval_loaders = dict(zip(eval_loaders, prepared))
+        self.state = state = checkpoint.TrainState(world_size=world)
+        accelerator.register_for_checkpointing(self.scheduler, state)
+        if resume_path is not None:
+            checkpoint.load_checkpoint(accelerator, resume_path)
+            accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
+                              f"(epoch {state.epoch}, step {state.step_in_epoch} of {self.steps_per_epoch})")
+        # every input (data, model, checkpoint) is checked by now: only from here on is the output
+        # directory written, so a failed start never damages an earlier run
+        if accelerator.is_main_process:
+            prepare_output_dir(cfg, resuming=resume_path is not None)
+            if resume_path is not None:
+                truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.global_step)
+            elif cfg.resume_from_checkpoint == "latest":
+                accelerator.print(f"no checkpoint in {checkpoint.checkpoints_dir(cfg.output_dir)} yet: "
+                                  "starting fresh")
+            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        accelerator.wait_for_everyone()
+        run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
+                      "n_params": self.n_params, "steps_per_epoch": self.steps_per_epoch,
+                      "total_steps": self.total_steps}
+        self.tracker = Tracker(accelerator, cfg, state, run_config)
+        self.peak_flops = device_peak_flops(cfg)
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> str | None:
+        """The training loop. Returns why it stopped early ("signal", "early stopping") or None."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from fine_tune.core.model import example_losses
+
+        cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
+        accelerator.print(
+            f"training {cfg.model_name_or_path} ({self.n_params / 1e6:.1f}M parameters) on {len(self.train_ds)} "
+            f"examples: {self.total_steps} optimizer steps of {self.sampler.global_batch} examples "
+            f"({self.world} process(es) x {cfg.per_device_train_batch_size} x "
+            f"{cfg.gradient_accumulation_steps} accumulation), {accelerator.distributed_type}, "
+            f"mixed precision {cfg.mixed_precision}")
+        model.train()
+        device = accelerator.device
+        # see the module docstring: backward divides by the accumulation steps and the all-reduce
+        # averages over ranks; this undoes both so the step's gradient is that of its mean loss
+        loss_scale = self.world * accelerator.gradient_accumulation_steps
+        self.window_loss = torch.zeros((), device=device)  # summed on the device, read only when logging
+        self.window = {"units": 0, "examples": 0, "tokens": 0, "time": time.perf_counter()}
+        progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
+                        disable=not accelerator.is_local_main_process or cfg.disable_tqdm)
+        stop_reason = None
+        while state.global_step < self.total_steps and stop_reason is None:
+            for step in self.train_loader.iterate(state.epoch, state.step_in_epoch):
+                micro_batches = step.micro_batches
+                for j, batch in enumerate(micro_batches):
+                    last = j == len(micro_batches) - 1
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    weight, target = batch.pop("weight"), batch.pop("labels")
+                    # gradients are all-reduced only on the last micro-batch of the step
+                    accelerator.sync_gradients = last
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        logits = model(**batch).logits
+                        local = example_losses(logits, target, weight, cfg.task).sum()
+                        accelerator.backward(local * (loss_scale / step.units))
+                    self.window_loss += local.detach()
+                stop_votes = self.optimizer_step()
+                state.global_step += 1
+                state.step_in_epoch += 1
+                self.window["units"] += step.units
+                self.window["examples"] += step.examples
+                self.window["tokens"] += step.tokens
+                progress.update(1)
+
+                if state.global_step % cfg.logging_steps == 0 or state.global_step == self.total_steps:
+                    self.log(progress)
+                end_of_epoch = state.step_in_epoch >= self.steps_per_epoch
+                if "validation" in self.eval_loaders and (
+                        (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
+                        or (cfg.eval_strategy == "epoch" and end_of_epoch)):
+                    self.evaluate()
+                    if cfg.early_stopping_patience and \
+                            state.evals_without_improvement >= cfg.early_stopping_patience:
+                        stop_reason = "early stopping"
+                if end_of_epoch:
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if stop_votes > 0:
+                    stop_reason = "signal"
+                if (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
+                        (cfg.save_strategy == "epoch" and end_of_epoch) or stop_reason == "signal":
+                    self.save_checkpoint()
+                if state.global_step >= self.total_steps or stop_reason:
+                    break
+        progress.close()
+        return stop_reason
+
+    def optimizer_step(self) -> float:
+        """The optimizer-step boundary: clip once, step once, schedule once, and the one host
+        synchronisation of the step. Returns the number of ranks that asked to stop."""
+        import torch
+
+        from fine_tune.core.optim import is_plateau
+
+        cfg, accelerator, optimizer, scheduler, state = \
+            self.cfg, self.accelerator, self.optimizer, self.scheduler, self.state
+
+        if accelerator.state.deepspeed_plugin is not None:
+            # the engine clipped and stepped inside backward; this reads the norm
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        else:  # unscales (fp16) first; max_norm inf only measures
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+        # Stop requests: every rank must agree, so the flag is all-reduced. It travels with the
+        # gradient norm: one host-device synchronisation per optimizer step, not more.
+        device = accelerator.device
+        stop_flag = torch.tensor([0.0 if self.stop.signum is None else 1.0], device=device)
+        if self.world > 1:
+            stop_flag = accelerator.reduce(stop_flag, reduction="sum")
+        norm_value = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device).float()
+        self.grad_norm, stop_votes = torch.stack([norm_value.reshape(()), stop_flag[0]]).tolist()
+        if not math.isfinite(self.grad_norm) and not accelerator.scaler:
+            state.nonfinite_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.print(f"step {state.global_step + 1}: non-finite gradient norm, update skipped "
+                              f"({state.nonfinite_steps} in a row)")
+            if state.nonfinite_steps > cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"training stopped: {state.nonfinite_steps} consecutive optimizer steps with a non-finite "
+                    f"loss or gradient (allowed: --max_nonfinite_steps {cfg.max_nonfinite_steps}). Lower "
+                    "--learning_rate, use bf16 instead of fp16, or check the data; the last checkpoint is intact")
+            return stop_votes
+        state.nonfinite_steps = 0
+        optimizer.step()
+        if accelerator.optimizer_step_was_skipped:
+            state.skipped_steps += 1
+            accelerator.print(f"step {state.global_step + 1}: fp16 overflow, the scaler skipped this update "
+                              f"({state.skipped_steps} skipped so far)")
+        elif not is_plateau(scheduler):
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return stop_votes
+
+    def log(self, progress) -> None:
+        """Training metrics of the steps since the last log: the only place the loss is read back
+        from the device."""
+        window = self.window
+        loss = float(self.accelerator.reduce(self.window_loss, reduction="sum")) / max(window["units"], 1)
+        elapsed = time.perf_counter() - window["time"]
+        tokens_per_s = window["tokens"] / elapsed
+        event = {"loss": loss, "learning_rate": self.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
+                 "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
+                 **peak_memory_mb()}
+        if self.peak_flops:
+            event["mfu"] = 6 * self.n_params * tokens_per_s / (self.peak_flops * self.world)
+        self.log_event(event)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{event['learning_rate']:.2e}")
+        self.window_loss.zero_()
+        window.update(units=0, examples=0, tokens=0, time=time.perf_counter())
+
+    def log_event(self, metrics: dict) -> None:
+        state = self.state
+        self.tracker.log({"epoch": round(state.epoch + state.step_in_epoch / self.steps_per_epoch, 4), **metrics},
+                         state.global_step)
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict:
+        """Evaluate on the validation split; track the best metric; step a plateau scheduler."""
+        from fine_tune.core.optim import is_plateau
+
+        cfg, state = self.cfg, self.state
+        result = evaluate(self.model, self.eval_loaders["validation"], self.accelerator, cfg, self.labels,
+                          self.extra_metrics)
         result = {f"eval_{k}": v for k, v in result.items()}
-        log_event(result)
+        self.log_event(result)
         value = result.get(cfg.best_metric)
         if value is None:
             raise UserError(f"--metric_for_best_model {cfg.metric_for_best_model or cfg.best_metric}: no such "
@@ -337,159 +489,71 @@ def run(cfg: TrainConfig) -> dict:
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
         else:
             state.evals_without_improvement += 1
-        if is_plateau(scheduler):
-            scheduler.step(value)
+        if is_plateau(self.scheduler):
+            self.scheduler.step(value)
         shown = [k for k in ("eval_loss", "eval_accuracy", "eval_f1_weighted", "eval_f1_macro", "eval_f1",
                              "eval_mse", "eval_pearson") if k in result]
-        accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
-        evals[state.global_step] = result
+        self.accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
+        self.evals[state.global_step] = result
         return result
 
-    # ---------------------------------------------------------------- train
-    accelerator.print(f"training {cfg.model_name_or_path} ({n_params / 1e6:.1f}M parameters) on {len(train_ds)} "
-                      f"examples: {total_steps} optimizer steps of {sampler.global_batch} examples "
-                      f"({world} process(es) x {cfg.per_device_train_batch_size} x "
-                      f"{cfg.gradient_accumulation_steps} accumulation), {accelerator.distributed_type}, "
-                      f"mixed precision {cfg.mixed_precision}")
-    model.train()
-    device = accelerator.device
-    is_deepspeed = accelerator.state.deepspeed_plugin is not None
-    loss_scale = world * accelerator.gradient_accumulation_steps
-    window_loss = torch.zeros((), device=device)  # summed on the device, read only at logging steps
-    window = {"units": 0, "examples": 0, "tokens": 0, "time": time.perf_counter()}
-    grad_norm = None
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process
-                    or cfg.disable_tqdm, desc="training", dynamic_ncols=True)
-    stop_reason = None
-    while state.global_step < total_steps and stop_reason is None:
-        for step in train_loader.iterate(state.epoch, state.step_in_epoch):
-            micro_batches = step.micro_batches
-            for j, batch in enumerate(micro_batches):
-                last = j == len(micro_batches) - 1
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                weight, target = batch.pop("weight"), batch.pop("labels")
-                # gradients are all-reduced only on the last micro-batch of the step
-                accelerator.sync_gradients = last
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    logits = model(**batch).logits
-                    local = example_losses(logits, target, weight, cfg.task).sum()
-                    accelerator.backward(local * (loss_scale / step.units))
-                window_loss += local.detach()
-            # ---- optimizer-step boundary: clip once, step once, schedule once
-            if is_deepspeed:  # the engine clipped and stepped inside backward; this reads the norm
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            else:  # unscales (fp16) first; max_norm inf only measures
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            # Stop requests: every rank must agree, so the flag is all-reduced. It travels with
-            # the gradient norm: one host-device synchronisation per optimizer step, not more.
-            stop_flag = torch.tensor([0.0 if stop.signum is None else 1.0], device=device)
-            if world > 1:
-                stop_flag = accelerator.reduce(stop_flag, reduction="sum")
-            norm_value = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device).float()
-            grad_norm, stop_votes = torch.stack([norm_value.reshape(()), stop_flag[0]]).tolist()
-            finite = math.isfinite(grad_norm)
-            if not finite and not accelerator.scaler:
-                state.nonfinite_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.print(f"step {state.global_step + 1}: non-finite gradient norm, update skipped "
-                                  f"({state.nonfinite_steps} in a row)")
-                if state.nonfinite_steps > cfg.max_nonfinite_steps:
-                    raise NonFiniteError(
-                        f"training stopped: {state.nonfinite_steps} consecutive optimizer steps with a non-finite "
-                        f"loss or gradient (allowed: --max_nonfinite_steps {cfg.max_nonfinite_steps}). Lower "
-                        "--learning_rate, use bf16 instead of fp16, or check the data; the last checkpoint is intact")
-            else:
-                state.nonfinite_steps = 0
-                optimizer.step()
-                if accelerator.optimizer_step_was_skipped:
-                    state.skipped_steps += 1
-                    accelerator.print(f"step {state.global_step + 1}: fp16 overflow, the scaler skipped this update "
-                                      f"({state.skipped_steps} skipped so far)")
-                elif not is_plateau(scheduler):
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            state.step_in_epoch += 1
-            window["units"] += step.units
-            window["examples"] += step.examples
-            window["tokens"] += step.tokens
-            progress.update(1)
-
-            # ---- logging: the only place the loss is read back from the device
-            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                loss = float(accelerator.reduce(window_loss, reduction="sum")) / max(window["units"], 1)
-                elapsed = time.perf_counter() - window["time"]
-                tokens_per_s = window["tokens"] / elapsed
-                event = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"],
-                         "grad_norm": grad_norm,
-                         "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
-                         **peak_memory_mb()}
-                if peak:
-                    event["mfu"] = 6 * n_params * tokens_per_s / (peak * world)
-                log_event(event)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{event['learning_rate']:.2e}")
-                window_loss.zero_()
-                window.update(units=0, examples=0, tokens=0, time=time.perf_counter())
-
-            end_of_epoch = state.step_in_epoch >= steps_per_epoch
-            if eval_loader is not None and (
-                    (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
-                    or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                run_eval()
-                if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
-                    stop_reason = "early stopping"
-            if end_of_epoch:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            save_now = (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
-                       (cfg.save_strategy == "epoch" and end_of_epoch)
-            if stop_votes > 0:
-                stop_reason = "signal"
-            if save_now or stop_reason == "signal":
-                C.save_checkpoint(accelerator, cfg, state)
-            if state.global_step >= total_steps or stop_reason:
-                break
-    progress.close()
-
-    if stop_reason == "signal":
-        accelerator.print(f"stopped by a signal at step {state.global_step}: checkpoint saved in "
-                          f"{C.latest_checkpoint(cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
-                          f"(exit status {EXIT_CHECKPOINTED})")
-        model = optimizer = scheduler = train_loader = eval_loader = eval_loaders = None  # noqa: F841 (release)
-        _shutdown(accelerator)
-        sys.exit(EXIT_CHECKPOINTED)
-
     # ---------------------------------------------------------------- save
-    results = {}
-    if eval_loader is not None:
-        results.update(evals.get(state.global_step) or run_eval())
-    if "test" in eval_loaders:
-        test = {f"test_{k}": v for k, v in evaluate(model, eval_loaders["test"], accelerator, cfg, labels,
-                                                   extra_metrics).items()}
-        log_event(test)
-        results.update(test)
-    final_dir = Path(cfg.output_dir) / "final"
-    state_dict = accelerator.get_state_dict(model)  # on every rank: ZeRO-3 gathers the shards here
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
-        unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
-        results.update({"global_step": state.global_step, "best_metric": state.best_metric,
-                        "best_step": state.best_step, "metric_for_best_model": cfg.best_metric})
-        (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
-        shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
-        accelerator.print("final metrics: " + json.dumps(shown))
-        accelerator.print(f"model saved to {final_dir}")
-    accelerator.wait_for_everyone()
-    model = optimizer = scheduler = train_loader = eval_loader = eval_loaders = state_dict = None  # noqa: F841
-    _shutdown(accelerator)
-    return results
+    def save_checkpoint(self) -> Path:
+        from fine_tune.core import checkpoint
+
+        return checkpoint.save_checkpoint(self.accelerator, self.cfg, self.state)
+
+    def finish(self) -> dict:
+        """The last evaluation (unless this step was just evaluated), the test split, and
+        final/: the model and tokenizer that `transformers.pipeline` loads."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        results = {}
+        if "validation" in self.eval_loaders:
+            results.update(self.evals.get(state.global_step) or self.evaluate())
+        if "test" in self.eval_loaders:
+            test = {f"test_{k}": v for k, v in evaluate(self.model, self.eval_loaders["test"], accelerator, cfg,
+                                                       self.labels, self.extra_metrics).items()}
+            self.log_event(test)
+            results.update(test)
+        final_dir = Path(cfg.output_dir) / "final"
+        state_dict = accelerator.get_state_dict(self.model)  # on every rank: ZeRO-3 gathers the shards here
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.model)
+            unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
+            unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(final_dir)
+            results.update({"global_step": state.global_step, "best_metric": state.best_metric,
+                            "best_step": state.best_step, "metric_for_best_model": cfg.best_metric})
+            (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+            shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
+            accelerator.print("final metrics: " + json.dumps(shown))
+            accelerator.print(f"model saved to {final_dir}")
+        accelerator.wait_for_everyone()
+        return results
 
 
-def _shutdown(accelerator) -> None:
-    """Release everything before the process group goes (the caller drops its references):
-    gloo processes otherwise abort at exit now and then ('terminate called without an
-    active exception')."""
+def run(cfg: TrainConfig) -> dict:
+    """Set up, train, evaluate, save. Returns the final metrics; exits with ``EXIT_CHECKPOINTED``
+    after a stop signal (a checkpoint was saved: requeue and resume)."""
+    training = TrainingRun(cfg)
+    training.setup()
+    stop_reason = training.train()
+    results = training.finish() if stop_reason != "signal" else None
+    if stop_reason == "signal":
+        from fine_tune.core.checkpoint import latest_checkpoint
+
+        training.accelerator.print(
+            f"stopped by a signal at step {training.state.global_step}: checkpoint saved in "
+            f"{latest_checkpoint(cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
+            f"(exit status {EXIT_CHECKPOINTED})")
+    accelerator = training.accelerator
+    # cleanup: the model, optimizer and loaders go with the run object, before the process group
+    # (gloo processes otherwise abort at exit now and then: 'terminate called without an active
+    # exception')
+    del training
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()  # closes the trackers (main process) and the process group
+    if stop_reason == "signal":
+        sys.exit(EXIT_CHECKPOINTED)
+    return results
