@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from fine_tune.core.config import ConfigError, main_guard
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 from fine_tune.core.tables import fmt_value, format_table, is_number
 
 FORMATS = ("markdown", "csv", "json")
@@ -202,12 +202,12 @@ def load_wandb_runs(path: str, group: Optional[str] = None, api=None) -> list[Ru
 
             api = wandb.Api(timeout=30)
         except Exception as e:  # noqa: BLE001 - no credentials and the like
-            raise UserError(f"--wandb: W&B API unavailable ({_first_line(e)}); run `wandb login` or set "
+            raise UserError(f"--wandb: W&B API unavailable ({first_line(e)}); run `wandb login` or set "
                             "WANDB_API_KEY") from None
     try:
         found = list(api.runs(path.strip("/"), filters={"group": group} if group else {}))
     except Exception as e:  # noqa: BLE001 - unknown project, auth, server errors
-        raise UserError(f"--wandb {path}: {_first_line(e)}") from None
+        raise UserError(f"--wandb {path}: {first_line(e)}") from None
     if not found:
         where = f" in group {group!r}" if group else ""
         raise UserError(f"--wandb {path}: no runs{where}")
@@ -233,11 +233,6 @@ def load_wandb_runs(path: str, group: Optional[str] = None, api=None) -> list[Ru
                         wall_time=float(runtime) if is_number(runtime) else None,
                         finished=state == "finished"))
     return runs
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ------------------------------------------------------------------ the comparison

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from fine_tune.core.config import MATHS_FIELDS, TrainConfig, save_config
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 STATE_FILE = "train_state.json"
 CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename
@@ -194,6 +194,5 @@ def load_checkpoint(accelerator, path: Path) -> None:
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or incomplete ({first}); resume from an older "
+        raise UserError(f"checkpoint {path} is corrupt or incomplete ({first_line(e)}); resume from an older "
                         "checkpoint in the same folder") from None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 # transformers.get_scheduler's names (checked against transformers in the tests) ...
 HF_SCHEDULERS = (
@@ -353,7 +353,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"--config {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must be a mapping of option: value")
     return data

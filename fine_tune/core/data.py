@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 IGNORE_INDEX = -100
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -102,7 +102,7 @@ def load_raw_splits(cfg) -> dict:
         try:
             raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
         except Exception as e:  # noqa: BLE001 - no hub, unknown name, ...
-            raise UserError(f"could not load data set {cfg.dataset_name!r}: {str(e).splitlines()[0]}. "
+            raise UserError(f"could not load data set {cfg.dataset_name!r}: {first_line(e)}. "
                             "Without the hub, use --train_file/--validation_file") from None
         splits = dict(raw)
     elif cfg.train_file or cfg.validation_file or cfg.test_file:

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
@@ -88,8 +88,7 @@ def load_extra_metric(name: str):
 
         return evaluate.load(name)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, missing deps
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--metric {name}: could not load it with evaluate.load ({first}). Offline, give a local "
+        raise UserError(f"--metric {name}: could not load it with evaluate.load ({first_line(e)}). Offline, give a local "
                         "metric script path; accuracy, precision, recall and F1 are built in") from None
 
 

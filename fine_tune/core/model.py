@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from fine_tune.core.config import DEFAULT_MODEL
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 
 def resolve_model_path(name: str) -> str:
@@ -36,8 +36,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def _wrap_load_error(name: str, err: Exception) -> UserError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"could not load model {name!r}: {first}. Without the hub, give a local folder "
+    return UserError(f"could not load model {name!r}: {first_line(err)}. Without the hub, give a local folder "
                      f"(or the default {DEFAULT_MODEL!r})")
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
+from fine_tune.core.errors import first_line
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
@@ -237,6 +239,10 @@ class Tracker:
     Constructed once per process after the checkpoint is loaded (``state.tracker_ids``
     then holds the W&B run id of a resumed run). The trackers are appended to
     ``accelerator.trackers``, so ``accelerator.end_training()`` closes them.
+
+    Not ``accelerator.init_trackers``: it raises when a tracker fails to start, and it cannot
+    fall back from W&B online to offline; tracking must never stop training. accelerate's
+    own tracker classes do the work, wrapped so that a failing call warns and goes on.
     """
 
     def __init__(self, accelerator, cfg, state, run_config: dict):
@@ -287,10 +293,10 @@ class Tracker:
             from torch.utils.tensorboard.summary import hparams as hparams_summary
 
             exp, ssi, sei = hparams_summary(hparams, {})
-            file_writer = writer._get_file_writer()
+            # (SummaryWriter.add_hparams would write them into a new time-stamped sub-run)
             for summary in (exp, ssi, sei):
-                file_writer.add_summary(summary)
-        except Exception:  # noqa: BLE001 - a private API moved: the text copy below is enough
+                writer.file_writer.add_summary(summary)
+        except Exception:  # noqa: BLE001 - the text copy below is enough
             pass
         text = "\n".join(f"    {k}: {v}" for k, v in sorted(hparams.items()))
         writer.add_text("config", text, global_step=state.global_step)
@@ -331,7 +337,7 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - no credentials, server error, timeout ...
             if mode != "online":
                 raise
-            warn(f"W&B could not start online ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            warn(f"W&B could not start online ({type(e).__name__}: {first_line(e)}); "
                  f"logging offline to {root / WANDB_DIR} instead (upload later with `wandb sync`)")
             tracker = start("offline")
         run = tracker.run
@@ -361,12 +367,3 @@ class Tracker:
             values["train/epoch"] = metrics["epoch"]  # once per step, with the training metrics
         for tracker in self.trackers:
             tracker.log(values, step=step)
-
-    def finish(self) -> None:
-        """Close the trackers now (``accelerator.end_training()`` does the same)."""
-        if self.main:
-            for tracker in self.trackers:
-                tracker.finish()
-                if tracker in self.accelerator.trackers:
-                    self.accelerator.trackers.remove(tracker)
-            self.trackers = []
