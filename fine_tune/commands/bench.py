@@ -579,21 +579,23 @@ def _fmt(stat: dict | None, digits: int = 1, scale: float = 1.0, spread: bool = 
 
 
 def markdown_table(summary: dict, labels: dict) -> str:
-    head = ("| mode | samples/s | tokens/s | padding | step ms | data | forward | backward | optimizer | other "
-            "| peak RSS MB | eval acc | MFU |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    from fine_tune.core.tables import format_table
+
+    headers = ["mode", "samples/s", "tokens/s", "padding", "step ms", "data", "forward", "backward", "optimizer",
+               "other", "peak RSS MB", "eval acc", "MFU"]
+    rows = []
     for mode, s in summary.items():
         if not s["runs"]:
-            lines.append(f"| {mode}: {labels[mode]} | failed |" + " |" * (head.count("|") - 3))
+            rows.append([f"{mode}: {labels[mode]}", "failed"] + [""] * (len(headers) - 2))
             continue
         mem = s.get("peak_gpu_mb") if s.get("peak_gpu_mb", {}).get("median") else s.get("peak_rss_mb")
-        lines.append(" | ".join([
-            f"| {mode}: {labels[mode]}", _fmt(s.get("samples_per_second"), 1, spread=True),
+        rows.append([
+            f"{mode}: {labels[mode]}", _fmt(s.get("samples_per_second"), 1, spread=True),
             _fmt(s.get("tokens_per_second"), 0, spread=True), _fmt(s.get("padding_share"), 0, 100) + "%",
             _fmt(s.get("step_ms"), 0), _fmt(s.get("data_ms"), 1), _fmt(s.get("forward_ms"), 0),
             _fmt(s.get("backward_ms"), 0), _fmt(s.get("optimizer_ms"), 0), _fmt(s.get("other_ms"), 1),
-            _fmt(mem, 0), _fmt(s.get("eval_accuracy"), 3), _fmt(s.get("mfu"), 1, 100) + "%"]) + " |")
-    return "\n".join(lines)
+            _fmt(mem, 0), _fmt(s.get("eval_accuracy"), 3), _fmt(s.get("mfu"), 1, 100) + "%"])
+    return format_table(headers, rows, "markdown", numeric=[False] + [True] * (len(headers) - 1)).rstrip("\n")
 
 
 def mode_label(mode: str, best: str) -> str:

@@ -96,9 +96,7 @@ def confusion(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> str:
     """A confusion matrix as an aligned text table (rows: true label, columns: predicted)."""
     from sklearn.metrics import confusion_matrix
 
+    from fine_tune.core.tables import format_table
+
     m = confusion_matrix(labels, preds, labels=list(range(len(names))))
-    width = max(max(len(n) for n in names), len(str(m.max())), 4)
-    head = " " * (width + 2) + " ".join(n[:width].rjust(width) for n in names)
-    rows = [names[i][:width].rjust(width) + "  " + " ".join(str(v).rjust(width) for v in m[i])
-            for i in range(len(names))]
-    return "\n".join(["true \\ predicted", head] + rows)
+    return format_table(["true \\ predicted", *names], [[name, *map(int, row)] for name, row in zip(names, m)])
