@@ -86,8 +86,7 @@ def read_file(path: str):
     return load_local_file(path)
 
 
-@main_guard
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="folder written by train.py (OUTPUT_DIR/final)")
     p.add_argument("--file", help="csv/json/jsonl/parquet to score (with labels) or label (without)")
@@ -99,7 +98,12 @@ def main(argv=None) -> dict:
     p.add_argument("--output", help="write predictions here (jsonl)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, default=512)
-    args = p.parse_args(argv)
+    return p
+
+
+@main_guard
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     if not args.file and not args.text:
         raise UserError("give --file PATH or --text 'some text'")
     tokenizer, model, task = load(args.model)

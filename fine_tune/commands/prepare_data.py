@@ -166,12 +166,16 @@ def _summary(out_dir: Path) -> str:
     return f"{out_dir}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
     parser.add_argument("--only", choices=["sentiment", "ner"], help="prepare only this data set")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     data_dir = Path(args.data_dir)
     if args.only in (None, "sentiment"):
         print(_summary(prepare_sentiment(data_dir, args.force)))
