@@ -26,6 +26,10 @@ def samplers(n, micro, acc, world, seed=7, group=False, n_units=None, lengths=No
     return [StepSampler(lengths, n_units, micro, acc, world, rank, seed, group) for rank in range(world)]
 
 
+def as_sets(steps) -> set:
+    return {frozenset(s.tolist()) for s in steps}
+
+
 def dealt(ranks: list[StepSampler], step: np.ndarray) -> list[list[list[int]]]:
     """[rank][micro-step] -> indices, for one optimizer step."""
     return [s.micro_batches(step) for s in ranks]
@@ -100,7 +104,6 @@ def test_every_rank_and_every_topology_sees_the_same_steps(group):
 @pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped"])
 def test_order_changes_with_epoch_and_seed_and_nothing_else(group):
     s = samplers(200, 4, 1, 1, group=group)[0]
-    as_sets = lambda steps: {frozenset(x.tolist()) for x in steps}  # noqa: E731
     e0, e1 = s.epoch_steps(0), s.epoch_steps(1)
     assert as_sets(e0) != as_sets(e1), "each epoch must be shuffled anew"
     other_seed = samplers(200, 4, 1, 1, seed=8, group=group)[0]
@@ -118,8 +121,11 @@ def test_length_grouping_batches_similar_lengths_in_shuffled_order():
     lengths = lengths_for(n, seed=3)
     grouped = samplers(n, g, 1, 1, group=True, lengths=lengths)[0]
     plain = samplers(n, g, 1, 1, group=False, lengths=lengths)[0]
-    spread = lambda steps: np.mean([np.ptp(lengths[s]) for s in steps])  # noqa: E731
-    # padding waste: grouped steps hold much closer lengths than random ones
+
+    def spread(steps):  # the padding a step wastes grows with it
+        return np.mean([np.ptp(lengths[s]) for s in steps])
+
+    # grouped steps hold much closer lengths than random ones
     assert spread(grouped.epoch_steps(0)) < 0.25 * spread(plain.epoch_steps(0))
     # ... yet the steps come in random order: not longest first, not one sorted run per mega-batch
     means = np.array([lengths[s].mean() for s in grouped.epoch_steps(0)])
@@ -127,7 +133,7 @@ def test_length_grouping_batches_similar_lengths_in_shuffled_order():
     descents = np.sum(np.diff(means) < 0)
     assert 0.3 < descents / (len(means) - 1) < 0.7  # a sorted order would give ~1.0
     # and different steps in each epoch
-    sets = [{frozenset(s.tolist()) for s in grouped.epoch_steps(e)} for e in (0, 1)]
+    sets = [as_sets(grouped.epoch_steps(e)) for e in (0, 1)]
     assert len(sets[0] & sets[1]) < 0.1 * len(sets[0])
 
 
