@@ -107,14 +107,20 @@ def start_ranks(args, world=2):
     return procs
 
 
-@pytest.mark.parametrize("sig,targets", [(signal.SIGUSR2, "rank 1 only"), (signal.SIGTERM, "both ranks")])
-def test_signal_checkpoints_all_ranks_at_the_same_step(uninterrupted, tiny_model, sig, targets):
-    files = uninterrupted["files"]
-    ref = uninterrupted["tmp"] / f"ref_ranks_{sig.name}"
-    procs = start_ranks(args_for(tiny_model, files, ref, per_device_train_batch_size=1, save_strategy="no"))
+@pytest.fixture(scope="module")
+def ranks_reference(uninterrupted, tiny_model):
+    """The uninterrupted 2-rank run, started as the signalled runs are; shared by both signals."""
+    ref = uninterrupted["tmp"] / "ref_ranks"
+    procs = start_ranks(args_for(tiny_model, uninterrupted["files"], ref, per_device_train_batch_size=1,
+                                 save_strategy="no"))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:]
+    return ref
 
+
+@pytest.mark.parametrize("sig,targets", [(signal.SIGUSR2, "rank 1 only"), (signal.SIGTERM, "both ranks")])
+def test_signal_checkpoints_all_ranks_at_the_same_step(uninterrupted, ranks_reference, tiny_model, sig, targets):
+    files = uninterrupted["files"]
     out = uninterrupted["tmp"] / f"signalled_{sig.name}"
     args = args_for(tiny_model, files, out, per_device_train_batch_size=1, save_strategy="no")
     procs = start_ranks(args)
@@ -135,7 +141,7 @@ def test_signal_checkpoints_all_ranks_at_the_same_step(uninterrupted, tiny_model
     procs = start_ranks(args + ["--resume_from_checkpoint", "latest"])
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:]
-    assert_same_run(out, ref)
+    assert_same_run(out, ranks_reference)
 
 
 def test_single_process_signal_exit_status(uninterrupted, tiny_model):
