@@ -183,10 +183,13 @@ def test_cutting_metrics_back_never_leaves_a_cut_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "pad": "x" * 80}) + "\n" for s in range(1, 2001)))
     before = path.read_text()
-    code = ("import resource, signal, sys; from pathlib import Path; from fine_tune.core.tracking import truncate_metrics\n"
+    code = ("import resource, signal, sys\n"
+            "from pathlib import Path\n"
+            "from fine_tune.core.tracking import truncate_metrics\n"
             "limit = int(sys.argv[2])\n"
-            "if limit:\n"
-            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+            "if limit:  # over the limit a write fails with EFBIG, as on a full disk\n"
+            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
             "try:\n    truncate_metrics(Path(sys.argv[1]), 1500)\nexcept OSError as e:\n    print('write failed:', e)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path), "50000"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True)
@@ -332,10 +335,11 @@ def test_a_damaged_checkpoint_is_reported_as_corrupt_and_a_load_error_is_not(set
     ckpt = setup["ckpt_run"] / "checkpoints" / "step_8"
     assert set(json.loads((ckpt / "manifest.json").read_text())["files"]) >= \
         {"model.safetensors", "optimizer.bin", "config.yaml", "train_state.json", "scheduler.json"}
-    # config.yaml changed, still valid YAML
+    # config.yaml changed in place (same size, still valid YAML, another learning rate)
     out = copy_run(setup, "damaged_config")
-    with open(out / "checkpoints" / "step_8" / "config.yaml", "a") as f:
-        f.write("# edited\n")
+    config = out / "checkpoints" / "step_8" / "config.yaml"
+    assert "learning_rate: 0.001\n" in config.read_text()
+    config.write_text(config.read_text().replace("learning_rate: 0.001\n", "learning_rate: 0.002\n"))
     proc = resume(out)
     assert proc.returncode == 2 and "step_8 is corrupt (config.yaml differs" in error_line(proc), proc.stderr[-2000:]
     # one byte of the weights flipped: still a loadable safetensors file
@@ -392,3 +396,14 @@ def test_load_best_model_at_end_keeps_the_best_evaluations_weights(setup, tiny_m
                          eval_steps=2, metric_for_best_model="loss", greater_is_better="true"))
     results = json.loads((out / "eval_results.json").read_text())
     assert results["load_best_model_at_end"] is False and results["final_model_step"] == 8
+
+
+def test_deepspeed_checkpoints_resume_with_weights_only_loads(setup, tiny_model):
+    """DeepSpeed's own loader asks torch.load for weights_only=False; under
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD its files must still load (ZeRO-2, 2 processes, gloo)."""
+    out = setup["tmp"] / "deepspeed"
+    args = train_args(tiny_model, setup["files"], out, per_device_train_batch_size=4, save_strategy="steps",
+                      save_steps=2)
+    run_train(args + ["--max_steps", "2"], "deepspeed_zero2.yaml", 2)
+    proc = run_train(args + ["--max_steps", "4", "--resume_from_checkpoint", "latest"], "deepspeed_zero2.yaml", 2)
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in proc.stdout

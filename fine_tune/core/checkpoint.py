@@ -257,14 +257,31 @@ def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
                         "--ignore_config_mismatch to resume anyway")
 
 
+def _deepspeed_safe_globals() -> list:
+    """The plain data classes DeepSpeed pickles into its optimizer state (the loss scaler, the
+    ZeRO stage enum, parameter fragment addresses): rebuilding them sets attributes and runs
+    nothing else."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 @contextlib.contextmanager
-def _weights_only_loads():
+def _weights_only_loads(accelerator):
     """Every ``torch.load`` inside (accelerate's, DeepSpeed's) uses weights_only=True, even
     where the caller asked for weights_only=False."""
+    import torch
+
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    allowed = _deepspeed_safe_globals() if accelerator.state.deepspeed_plugin is not None else []
     try:
-        yield
+        with torch.serialization.safe_globals(allowed):
+            yield
     finally:
         if previous is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
@@ -278,7 +295,7 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
     import torch
 
     try:
-        with _weights_only_loads():
+        with _weights_only_loads(accelerator):
             accelerator.load_state(str(path))
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
         if scheduler is not None:
@@ -286,5 +303,6 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - reported in one line: the files are intact
-        raise UserError(f"checkpoint {path} is intact (it matches its manifest) but could not be loaded: {first_line(e)}. "
+        raise UserError(f"checkpoint {path} is intact (it matches its manifest) but could not be loaded: "
+                        f"{first_line(e)}. "
                         "Was it made by another model, or with other library versions?") from None

@@ -251,11 +251,11 @@ class TrainConfig:
                     raise ConfigError(f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {value}")
                 need(isinstance(parsed, dict), name, "must be a JSON object like '{\"key\": value}'")
         if self.load_best_model_at_end and self.eval_strategy == "no":
-            raise ConfigError("--load_best_model_at_end needs evaluations to pick the best weights: set --eval_strategy "
-                              "steps or epoch")
+            raise ConfigError("--load_best_model_at_end needs evaluations to pick the best weights: set "
+                              "--eval_strategy steps or epoch")
         if self.extra_metric_names and not self.trust_remote_code:
-            raise ConfigError(f"--metric {self.extra_metric_names[0]} runs a script through `evaluate` (code from a file "
-                              f"or the hub): pass --trust_remote_code true to allow it (built in: "
+            raise ConfigError(f"--metric {self.extra_metric_names[0]} runs a script through `evaluate` (code from a "
+                              f"file or the hub): pass --trust_remote_code true to allow it (built in: "
                               f"{', '.join(BUILTIN_METRICS)})")
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
