@@ -133,6 +133,11 @@ class TrainConfig:
                                              "(default: false for loss/mse/mae, else true)", group="evaluation")
     early_stopping_patience: Optional[int] = _opt(
         None, "stop after N evaluations without improvement", group="evaluation")
+    eval_hook: Optional[str] = _opt(
+        None, "MODULE:FACTORY called after each evaluation on the main process: FACTORY(config) returns a "
+        "function (step, evaluation, metrics) -> bool, and true stops the run on every rank at the next optimizer "
+        "step with status 'pruned' (slurm/submit.py --search sets it to report to the search's trial)",
+        group="evaluation")
     # ------------------------------------------------------- checkpoints
     save_strategy: str = _opt("epoch", "when to save a checkpoint", choices=("no", "steps", "epoch"),
                               group="checkpoints")
@@ -227,6 +232,8 @@ class TrainConfig:
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {value}")
                 need(isinstance(parsed, dict), name, "must be a JSON object like '{\"key\": value}'")
+        if self.eval_hook is not None:
+            need(":" in self.eval_hook, "eval_hook", "write it MODULE:FACTORY")
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
             raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
