@@ -37,6 +37,7 @@ from pathlib import Path
 from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.config import TrainConfig, save_config
 from fine_tune.core.errors import UserError
+from fine_tune.core.hooks import load_eval_hook
 
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                     "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
@@ -246,6 +247,8 @@ class TrainingRun:
         self.cfg = cfg
         self.stop = StopSignal()
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
+        self.prune_requested = False  # the eval hook said stop (main process); voted at the next step
+        self.pruned = False  # every rank agreed: stop before applying this step
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -261,6 +264,7 @@ class TrainingRun:
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
+        hook_factory = load_eval_hook(cfg.eval_hook)
         resume_path = checkpoint.resolve_resume(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         self.world = world = accelerator.num_processes
@@ -332,10 +336,11 @@ class TrainingRun:
                       "total_steps": self.total_steps}
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
+        self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
 
     # ---------------------------------------------------------------- train
     def train(self) -> str | None:
-        """The training loop. Returns why it stopped early ("signal", "early stopping") or None."""
+        """The training loop. Returns why it stopped early ("signal", "pruned", "early stopping") or None."""
         import torch
         from tqdm.auto import tqdm
 
@@ -373,6 +378,9 @@ class TrainingRun:
                         accelerator.backward(local * (loss_scale / step.units))
                     self.window_loss += local.detach()
                 stop_votes = self.optimizer_step()
+                if self.pruned:
+                    stop_reason = "pruned"
+                    break
                 state.global_step += 1
                 state.step_in_epoch += 1
                 self.window["units"] += step.units
@@ -386,7 +394,11 @@ class TrainingRun:
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    self.evaluate()
+                    result = self.evaluate()
+                    if self.eval_hook is not None:  # the evaluation's number is the same after a resume
+                        number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
+                            else state.epoch + 1
+                        self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -404,7 +416,8 @@ class TrainingRun:
 
     def optimizer_step(self) -> float:
         """The optimizer-step boundary: clip once, step once, schedule once, and the one host
-        synchronisation of the step. Returns the number of ranks that asked to stop."""
+        synchronisation of the step. Returns the number of ranks that asked to stop on a signal;
+        sets ``pruned`` (and applies nothing) when the eval hook asked to stop at the last step."""
         import torch
 
         from fine_tune.core.optim import is_plateau
@@ -420,11 +433,16 @@ class TrainingRun:
         # Stop requests: every rank must agree, so the flag is all-reduced. It travels with the
         # gradient norm: one host-device synchronisation per optimizer step, not more.
         device = accelerator.device
-        stop_flag = torch.tensor([0.0 if self.stop.signum is None else 1.0], device=device)
+        stop_flag = torch.tensor([0.0 if self.stop.signum is None else 1.0, float(self.prune_requested)],
+                                 device=device)
         if self.world > 1:
             stop_flag = accelerator.reduce(stop_flag, reduction="sum")
         norm_value = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device).float()
-        self.grad_norm, stop_votes = torch.stack([norm_value.reshape(()), stop_flag[0]]).tolist()
+        self.grad_norm, stop_votes, prune_votes = torch.cat([norm_value.reshape(1), stop_flag]).tolist()
+        if prune_votes > 0:  # the run ends at the step that was evaluated; this one is dropped
+            optimizer.zero_grad(set_to_none=True)
+            self.pruned = True
+            return stop_votes
         if not math.isfinite(self.grad_norm) and not accelerator.scaler:
             state.nonfinite_steps += 1
             optimizer.zero_grad(set_to_none=True)
@@ -532,13 +550,29 @@ class TrainingRun:
         return results
 
 
+    def finish_pruned(self) -> dict:
+        """A run the eval hook stopped: its last evaluation in eval_results.json with
+        ``"status": "pruned"``; no final model. Every rank says where it stopped."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        print(f"pruned at step {state.global_step} by the eval hook (process {accelerator.process_index} of "
+              f"{self.world}): no final model", flush=True)
+        results = {"status": "pruned", **self.evals.get(state.global_step, {}), "global_step": state.global_step,
+                   "best_metric": state.best_metric, "best_step": state.best_step,
+                   "metric_for_best_model": cfg.best_metric}
+        if accelerator.is_main_process:
+            (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+        accelerator.wait_for_everyone()
+        return results
+
+
 def run(cfg: TrainConfig) -> dict:
     """Set up, train, evaluate, save. Returns the final metrics; exits with ``EXIT_CHECKPOINTED``
     after a stop signal (a checkpoint was saved: requeue and resume)."""
     training = TrainingRun(cfg)
     training.setup()
     stop_reason = training.train()
-    results = training.finish() if stop_reason != "signal" else None
+    results = None if stop_reason == "signal" else training.finish_pruned() if stop_reason == "pruned" \
+        else training.finish()
     if stop_reason == "signal":
         from fine_tune.core.checkpoint import latest_checkpoint
 
