@@ -6,7 +6,9 @@
     python -m fine_tune.compare --wandb my-team/fine_tune --group sweep-3
 
 A run is an ``OUTPUT_DIR`` of ``train.py`` (``config.yaml`` + ``metrics.jsonl``); a folder that
-holds runs (a sweep's root) stands for all of them, and quoted globs are expanded here.
+holds runs (a sweep's root) stands for all of them, and quoted globs are expanded here; a
+search's folder (``slurm/submit.py --search``) gets the search's report instead (trials,
+best command line, importances, objective plot; fine_tune.launchers.search).
 The table shows only the options whose values differ between the runs, then the best and
 final value of the chosen eval metric (``--sort_by``, by default the runs'
 ``--metric_for_best_model``), the final eval loss, the test score where there is one, the
@@ -424,11 +426,6 @@ def plot(run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, sort_by
 
 
 # ------------------------------------------------------------------ CLI
-def _is_search(path: str) -> bool:
-    from fine_tune.launchers.search import STUDY_FILE
-
-    return (Path(path) / STUDY_FILE).is_file()
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -461,7 +458,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise ConfigError("give run folders (python -m fine_tune.compare runs/*) or --wandb ENTITY/PROJECT")
     if args.group and not args.wandb:
         raise ConfigError("--group needs --wandb ENTITY/PROJECT")
-    if len(args.run_dirs) == 1 and not args.wandb and _is_search(args.run_dirs[0]):
+    if len(args.run_dirs) == 1 and not args.wandb and (Path(args.run_dirs[0]) / "study.journal").is_file():
         # a search's folder (slurm/submit.py --search): its trials, best command line, importances, plot
         from fine_tune.launchers.search import report
 

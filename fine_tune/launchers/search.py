@@ -176,7 +176,9 @@ def sample_points(spec: SearchSpec) -> list[dict]:
 
 def make_sampler(spec: SearchSpec, offset: int):
     """The sampler for the trial asked as number ``offset``. Each task builds its own sampler:
-    seeded alike, every task would draw the same first point, so the seed moves on by trial."""
+    seeded alike, every task would draw the same first point, so the seed moves on by trial.
+    Not for the grid: its seed shuffles the grid's order, which every task must share (it picks
+    a point no other trial holds, from the study)."""
     import optuna
 
     seed = spec.sampler["seed"] + offset
@@ -187,7 +189,7 @@ def make_sampler(spec: SearchSpec, offset: int):
         for key, entry in spec.space.items():
             (kind, args), = entry.items()
             grid[key] = list(args) if kind == "choice" else list(range(int(args[0]), int(args[1]) + 1))
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return optuna.samplers.GridSampler(grid, seed=spec.sampler["seed"])
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -196,8 +198,10 @@ def make_pruner(spec: SearchSpec):
 
     if spec.pruner["name"] == "none":
         return optuna.pruners.NopPruner()
+    # evaluations are numbered from 1 and Optuna prunes from step n_warmup_steps on: the first
+    # warmup_evals evaluations are never pruned
     return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner["startup_trials"],
-                                       n_warmup_steps=spec.pruner["warmup_evals"])
+                                       n_warmup_steps=spec.pruner["warmup_evals"] + 1)
 
 
 def check_search(path: str, train: list[str], output_dir: Path) -> SearchSpec:
@@ -474,10 +478,6 @@ def trial_reporter(cfg):
 
 
 # ------------------------------------------------------------------ the report
-def is_search_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / STUDY_FILE).is_file() and (Path(path) / SEARCH_COPY).is_file()
-
-
 def best_command(study, spec: SearchSpec, folder: Path) -> Optional[str]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
@@ -586,18 +586,18 @@ def run_search(sub) -> int:
     --max_requeues, 1 otherwise."""
     o, spec, folder, base = sub.opts, sub.search, sub.output_dir, sub.specs[0]
     if o.dry_run:
+        example = shlex.join(trial_args(base.train_args, folder, 0, {}, spec.name))
         sys.stdout.write(f"# dry run: nothing submitted (search {spec.name}: up to {spec.trials} trials as one job "
                          f"array, cluster {o.cluster})\n# ---- sbatch script\n{sbatch_text(sub).rstrip()}\n"
-                         f"# ---- each trial: train.py {shlex.join(trial_args(base.train_args, folder, 0, {}, spec.name))}"
-                         f" plus its values, in {folder}/trial_<N>\n")
+                         f"# ---- each trial (here trial 0, plus its values): train.py {example}\n")
         return 0
     create_study(folder, spec, base.train_args)
     counts = study_counts(folder)
     todo = spec.trials - counts["finished"] - counts["live"]
     parallel = max(1, o.array_parallelism or todo or 1)
+    new = max(todo - counts["orphaned"], 0)
     print(f"search {spec.name}: {spec.trials} trials ({counts['finished']} finished, {counts['live']} running, "
-          f"{counts['orphaned']} to resume, {max(todo, 0)} to start), objective {spec.metric} ({spec.direction})",
-          flush=True)
+          f"{counts['orphaned']} to resume, {new} to start), objective {spec.metric} ({spec.direction})", flush=True)
     print(f"output directory: {folder}", flush=True)
     watch = JobWatch(o.cluster)
     statuses: list[int] = []
