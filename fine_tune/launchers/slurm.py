@@ -662,8 +662,9 @@ def sbatch_text(sub: Submission) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = executor_parameters(sub)
-    if sub.is_sweep and len(sub.specs) > 1:
-        params["map_count"] = len(sub.specs)
+    count = sub.search.trials if sub.search is not None else len(sub.specs)
+    if sub.is_array and count > 1:
+        params["map_count"] = count
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(sub.folder))])
     return _make_sbatch_string(command=command, folder=sub.folder, **params)
 
