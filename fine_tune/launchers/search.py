@@ -398,12 +398,13 @@ class SearchJob(TrainJob):
         if self.trial_number is None:
             self.trial_number = claim_trial(folder, job_key, self.base.cluster) if rank == 0 \
                 else wait_for_claim(folder, job_key)
-        elif rank == 0:  # requeued: the trial is still ours unless a live job took it over meanwhile
+        else:  # requeued: the trial is still ours unless a live job took it over meanwhile
             owner = open_study(folder).get_trials(deepcopy=False)[self.trial_number].user_attrs
             if owner.get("job") != job_key and owner_alive(owner):
                 _say(f"trial {self.trial_number} was taken over by job {owner.get('job')}: nothing to do")
                 return {"status": "nothing to do", "node": rank}
-            _set_owner(open_study(folder), self.trial_number, job_key, self.base.cluster)
+            if rank == 0:
+                _set_owner(open_study(folder), self.trial_number, job_key, self.base.cluster)
         if self.trial_number is None:
             _say("the study has all its trials: nothing to do")
             return {"status": "nothing to do", "node": rank}
