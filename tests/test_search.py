@@ -191,7 +191,9 @@ def test_slurm_study_as_one_array_survives_a_preempted_trial(slurm, tiny_model, 
                 if steps and max(steps) < 60:
                     number = int(run.name.split("_")[1])
                     task = study(out).get_trials()[number].user_attrs["job"]
-                    subprocess.run(["scancel", "--signal=USR2", task], env=env, check=True)
+                    # (scancel may exit non-zero for an array task although every step got the signal;
+                    # the requeue is checked in the logs below)
+                    subprocess.run(["scancel", "--signal=USR2", task], env=env, capture_output=True)
                     preempted = number
                     break
             time.sleep(0.2)
