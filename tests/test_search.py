@@ -27,7 +27,6 @@ from conftest import ENV, ROOT, make_rows, read_metrics, run_train, train_args, 
 
 SUBMIT = ROOT / "slurm" / "submit.py"
 TIMEOUT = 900
-pytestmark = pytest.mark.integration
 
 
 def search_file(path: Path, trials: int, warmup_evals: int = 0) -> Path:
@@ -72,6 +71,33 @@ def explain(proc) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}\n--- stderr\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.parametrize("text, expect", [
+    ("search:\n  learning_rat: {choice: [1.0e-3]}\n", "unknown option --learning_rat; did you mean --learning_rate?"),
+    ("search:\n  learning_rate: {uniform: [1.0e-3]}\n", "learning_rate: uniform needs [low, high] with low < high"),
+    ("search:\n  learning_rate: {log_uniform: [0, 1]}\n", "log_uniform bounds must be > 0"),
+    ("search:\n  lr_scheduler_type: {choice: [linear, cosin]}\n", "--lr_scheduler_type 'cosin' is not allowed"),
+    ("search:\n  learning_rate: {uniform: [0.1, 0.2]}\nsampler: {name: grid}\n", "the grid sampler needs choice"),
+    ("search:\n  learning_rate: {choice: [1.0e-3]}\ntrials: 0\n", "trials must be a positive integer"),
+    ("search:\n  learning_rate: {choice: [1.0e-3]}\npruner: {name: hyperband}\n", "pruner must be"),
+])
+def test_bad_search_files_fail_in_one_line_before_anything_is_written(tmp_path, text, expect):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    out = tmp_path / "study"
+    proc = submit(["--cluster", "local", "--search", str(spec), "--", "--output_dir", str(out)])
+    assert proc.returncode == 2 and expect in proc.stderr, explain(proc)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and not out.exists()
+
+
+def test_search_dry_run_is_one_array_of_all_trials(tmp_path):
+    proc = submit(["--search", str(ROOT / "slurm" / "searches" / "sentiment.yaml"), "--array_parallelism", "4",
+                   "--dry_run", "--", "--config", "recipes/sentiment.yaml", "--output_dir", str(tmp_path / "s")])
+    assert proc.returncode == 0, explain(proc)
+    assert "#SBATCH --array=0-19%4" in proc.stdout and "--eval_hook fine_tune.launchers.search:trial_reporter" \
+        in proc.stdout and not (tmp_path / "s").exists()
+
+
+@pytest.mark.integration
 def test_local_study_prunes_diverging_trials_and_its_best_command_reproduces_its_metric(tiny_model, files,
                                                                                           tmp_path):
     out = tmp_path / "study"
@@ -116,6 +142,7 @@ def test_local_study_prunes_diverging_trials_and_its_best_command_reproduces_its
     assert compare.returncode == 0 and compare.stdout.splitlines()[:10] == report.splitlines()[:10], compare.stderr
 
 
+@pytest.mark.integration
 def test_killed_submitter_reruns_to_exactly_the_asked_trials_and_two_process_pruning_stops_every_rank_together(
         tiny_model, files, tmp_path):
     """3 trials of 2 processes each (two local 'nodes'), one at a time; the submitter and every job
@@ -163,6 +190,7 @@ def test_killed_submitter_reruns_to_exactly_the_asked_trials_and_two_process_pru
 from test_slurm import slurm  # noqa: E402,F401 - the session fixture that starts slurm/dev_cluster.sh
 
 
+@pytest.mark.integration
 def test_slurm_study_as_one_array_survives_a_preempted_trial(slurm, tiny_model, files, tmp_path):  # noqa: F811
     """4 trials (a grid of 4 learning rates, no pruning) as one job array, 2 at a time; the first
     trial to log steps is preempted with `scancel --signal=USR2 ARRAY_TASK`: it checkpoints, is
