@@ -351,8 +351,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise NotRequeued(f"stopped by preemption or the time limit after {done} requeue(s) (--max_requeues "
                               f"{self.spec.max_requeues}): not requeued again. The checkpoint in "
                               f"{self.spec.output_dir}/checkpoints is intact; submit the same command to continue")
-        state = TrainJob(self.spec)
-        state.requeues = done + 1
+        state = type(self).__new__(type(self))  # the same kind of job (a search's trial stays one)
+        state.__setstate__({**self.__getstate__(), "requeues": done + 1})
         _say(f"requeueing (requeue {done + 1} of at most {self.spec.max_requeues})")
         return submitit.helpers.DelayedSubmission(state, *args, **kwargs)
 
