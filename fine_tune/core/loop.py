@@ -549,7 +549,6 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         return results
 
-
     def finish_pruned(self) -> dict:
         """A run the eval hook stopped: its last evaluation in eval_results.json with
         ``"status": "pruned"``; no final model. Every rank says where it stopped."""
@@ -566,8 +565,9 @@ class TrainingRun:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Set up, train, evaluate, save. Returns the final metrics; exits with ``EXIT_CHECKPOINTED``
-    after a stop signal (a checkpoint was saved: requeue and resume)."""
+    """Set up, train, evaluate, save. Returns the final metrics (``"status": "pruned"`` and no final
+    model when the eval hook stopped the run); exits with ``EXIT_CHECKPOINTED`` after a stop signal
+    (a checkpoint was saved: requeue and resume)."""
     training = TrainingRun(cfg)
     training.setup()
     stop_reason = training.train()
