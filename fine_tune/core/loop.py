@@ -7,7 +7,9 @@ skips overflowing steps); ``clip_grad_norm_`` once per optimizer step after unsc
 schedulers stepped once per optimizer update (plateau: once per evaluation); evaluation on
 predictions gathered from all processes without duplicates; best-metric tracking and early
 stopping; atomic checkpoints with exact mid-epoch resume; signals (TERM, INT, USR1, USR2)
-that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``.
+that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``;
+an eval hook (``--eval_hook``, fine_tune.core.hooks) whose "stop" rides on the same vote, so
+that every process ends at the evaluated step ("pruned", no final model).
 
 Limits: one task per run (classification, token classification or regression); with
 DeepSpeed the engine steps inside ``backward``, so a non-finite step under bf16/fp32 is
