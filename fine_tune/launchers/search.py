@@ -533,7 +533,8 @@ def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[l
 
 
 def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
-    """Objective per trial with the best-so-far line (Optuna's optimization history)."""
+    """Objective per trial with the best-so-far line (Optuna's optimization history, complete
+    trials), and each pruned trial's last reported value as a grey cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -543,6 +544,11 @@ def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         return None
     ax = ovm.plot_optimization_history(study, target_name=spec.metric)
+    pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)]) for t in study.get_trials(deepcopy=False)
+              if t.state.name == "PRUNED" and t.intermediate_values]
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last evaluation)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.set_title(f"{spec.name}: {spec.metric} per trial ({spec.direction})")
     fig = ax.figure
     fig.set_size_inches(8, 4.8)
