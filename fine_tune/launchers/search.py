@@ -283,6 +283,8 @@ def _finished(trial) -> bool:
 
 def owner_alive(attrs: dict) -> bool:
     """Whether the job that claimed a running trial may still run it."""
+    if "job" not in attrs:  # asked, but its task died before it could say so (claims write both under the lock)
+        return False
     if attrs.get("cluster") == "slurm":
         state = slurm_state(attrs.get("job", "")).get("JobState")
         return state in LIVE_SLURM_STATES if state is not None else False
