@@ -97,7 +97,6 @@ def test_search_dry_run_is_one_array_of_all_trials(tmp_path):
         in proc.stdout and not (tmp_path / "s").exists()
 
 
-@pytest.mark.integration
 def test_local_study_prunes_diverging_trials_and_its_best_command_reproduces_its_metric(tiny_model, files,
                                                                                           tmp_path):
     out = tmp_path / "study"
@@ -142,7 +141,6 @@ def test_local_study_prunes_diverging_trials_and_its_best_command_reproduces_its
     assert compare.returncode == 0 and compare.stdout.splitlines()[:10] == report.splitlines()[:10], compare.stderr
 
 
-@pytest.mark.integration
 def test_killed_submitter_reruns_to_exactly_the_asked_trials_and_two_process_pruning_stops_every_rank_together(
         tiny_model, files, tmp_path):
     """3 trials of 2 processes each (two local 'nodes'), one at a time; the submitter and every job
@@ -190,7 +188,6 @@ def test_killed_submitter_reruns_to_exactly_the_asked_trials_and_two_process_pru
 from test_slurm import slurm  # noqa: E402,F401 - the session fixture that starts slurm/dev_cluster.sh
 
 
-@pytest.mark.integration
 def test_slurm_study_as_one_array_survives_a_preempted_trial(slurm, tiny_model, files, tmp_path):  # noqa: F811
     """4 trials (a grid of 4 learning rates, no pruning) as one job array, 2 at a time; the first
     trial to log steps is preempted with `scancel --signal=USR2 ARRAY_TASK`: it checkpoints, is
