@@ -156,7 +156,6 @@ GOLDEN_DRY_RUN = """\
 
 # setup
 module load cuda/12.4
-export PYTHONPATH=<repo>${PYTHONPATH:+:$PYTHONPATH}
 
 # command
 export SUBMITIT_EXECUTOR=slurm

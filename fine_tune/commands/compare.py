@@ -6,7 +6,9 @@
     python -m fine_tune.compare --wandb my-team/fine_tune --group sweep-3
 
 A run is an ``OUTPUT_DIR`` of ``train.py`` (``config.yaml`` + ``metrics.jsonl``); a folder that
-holds runs (a sweep's root) stands for all of them, and quoted globs are expanded here.
+holds runs (a sweep's root) stands for all of them, and quoted globs are expanded here; a
+search's folder (``slurm/submit.py --search``) gets the search's report instead (trials,
+best command line, importances, objective plot; fine_tune.launchers.search).
 The table shows only the options whose values differ between the runs, then the best and
 final value of the chosen eval metric (``--sort_by``, by default the runs'
 ``--metric_for_best_model``), the final eval loss, the test score where there is one, the
@@ -39,7 +41,7 @@ FORMATS = ("markdown", "csv", "json")
 # options that name or route a run but do not change what it computes
 BOOKKEEPING = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ignore_config_mismatch",
                "disable_tqdm", "report_to", "run_name", "wandb_project", "wandb_group", "wandb_tags",
-               "expected_world_size"}
+               "expected_world_size", "eval_hook"}
 EXTRA_OPTIONS = ("world_size", "git_commit")  # run metadata worth comparing (W&B configs hold them)
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "perplexity", "wall_time", "time")
 
@@ -424,6 +426,7 @@ def plot(run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, sort_by
 
 
 # ------------------------------------------------------------------ CLI
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fine_tune.compare", allow_abbrev=False,
@@ -455,6 +458,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise ConfigError("give run folders (python -m fine_tune.compare runs/*) or --wandb ENTITY/PROJECT")
     if args.group and not args.wandb:
         raise ConfigError("--group needs --wandb ENTITY/PROJECT")
+    if len(args.run_dirs) == 1 and not args.wandb and (Path(args.run_dirs[0]) / "study.journal").is_file():
+        # a search's folder (slurm/submit.py --search): its trials, best command line, importances, plot
+        from fine_tune.launchers.search import report
+
+        sys.stdout.write(report(args.run_dirs[0]))
+        return
     runs = load_runs(args.run_dirs) if args.run_dirs else []
     if args.wandb:
         runs += load_wandb_runs(args.wandb, args.group)

@@ -143,6 +143,11 @@ class TrainConfig:
         None, "final/ and the test_* metrics come from the weights of the best evaluation (by "
         "--metric_for_best_model), whose checkpoint is always kept; default: true with --early_stopping_patience, "
         "else false (the last weights)", group="evaluation")
+    eval_hook: Optional[str] = _opt(
+        None, "MODULE:FACTORY called after each evaluation on the main process: FACTORY(config) returns a "
+        "function (step, evaluation, metrics) -> bool, and true stops the run on every rank at the next optimizer "
+        "step with status 'pruned' (slurm/submit.py --search sets it to report to the search's trial)",
+        group="evaluation")
     # ------------------------------------------------------- checkpoints
     save_strategy: str = _opt("epoch", "when to save a checkpoint", choices=("no", "steps", "epoch"),
                               group="checkpoints")
@@ -257,6 +262,8 @@ class TrainConfig:
             raise ConfigError(f"--metric {self.extra_metric_names[0]} runs a script through `evaluate` (code from a "
                               f"file or the hub): pass --trust_remote_code true to allow it (built in: "
                               f"{', '.join(BUILTIN_METRICS)})")
+        if self.eval_hook is not None:
+            need(":" in self.eval_hook, "eval_hook", "write it MODULE:FACTORY")
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
             raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "

@@ -7,7 +7,9 @@ skips overflowing steps); ``clip_grad_norm_`` once per optimizer step after unsc
 schedulers stepped once per optimizer update (plateau: once per evaluation); evaluation on
 predictions gathered from all processes without duplicates; best-metric tracking and early
 stopping; atomic checkpoints with exact mid-epoch resume; signals (TERM, INT, USR1, USR2)
-that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``.
+that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``;
+an eval hook (``--eval_hook``, fine_tune.core.hooks) whose "stop" rides on the same vote, so
+that every process ends at the evaluated step ("pruned", no final model).
 
 Limits: one task per run (classification, token classification or regression); with
 DeepSpeed the engine steps inside ``backward``, so a non-finite step under bf16/fp32 is
@@ -36,6 +38,7 @@ from pathlib import Path
 from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.config import TrainConfig, save_config
 from fine_tune.core.errors import UserError
+from fine_tune.core.hooks import load_eval_hook
 
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                     "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
@@ -244,6 +247,8 @@ class TrainingRun:
         self.stop = StopSignal()
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
         self.lock = None  # the output folder's lock (main process), held for the run's life
+        self.prune_requested = False  # the eval hook said stop (main process); voted at the next step
+        self.pruned = False  # every rank agreed: stop before applying this step
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -260,6 +265,7 @@ class TrainingRun:
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
+        hook_factory = load_eval_hook(cfg.eval_hook)
         self.accelerator = accelerator = make_accelerator(cfg)
         self.world = world = accelerator.num_processes
         self.lock = claim_output_dir(accelerator, cfg)  # one run per folder, and every rank sees it
@@ -331,10 +337,11 @@ class TrainingRun:
                       "total_steps": self.total_steps}
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
+        self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
 
     # ---------------------------------------------------------------- train
     def train(self) -> str | None:
-        """The training loop. Returns why it stopped early ("signal", "early stopping") or None."""
+        """The training loop. Returns why it stopped early ("signal", "pruned", "early stopping") or None."""
         import torch
         from tqdm.auto import tqdm
 
@@ -372,6 +379,9 @@ class TrainingRun:
                         accelerator.backward(local * (loss_scale / step.units))
                     self.window_loss += local.detach()
                 stop_votes = self.optimizer_step()
+                if self.pruned:
+                    stop_reason = "pruned"
+                    break
                 state.global_step += 1
                 state.step_in_epoch += 1
                 self.window["units"] += step.units
@@ -386,8 +396,12 @@ class TrainingRun:
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    self.evaluate()
+                    result = self.evaluate()
                     new_best = state.best_step == state.global_step
+                    if self.eval_hook is not None:  # the evaluation's number is the same after a resume
+                        number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
+                            else state.epoch + 1
+                        self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -406,7 +420,8 @@ class TrainingRun:
 
     def optimizer_step(self) -> float:
         """The optimizer-step boundary: clip once, step once, schedule once, and the one host
-        synchronisation of the step. Returns the number of ranks that asked to stop."""
+        synchronisation of the step. Returns the number of ranks that asked to stop on a signal;
+        sets ``pruned`` (and applies nothing) when the eval hook asked to stop at the last step."""
         import torch
 
         from fine_tune.core.optim import is_plateau
@@ -422,11 +437,16 @@ class TrainingRun:
         # Stop requests: every rank must agree, so the flag is all-reduced. It travels with the
         # gradient norm: one host-device synchronisation per optimizer step, not more.
         device = accelerator.device
-        stop_flag = torch.tensor([0.0 if self.stop.signum is None else 1.0], device=device)
+        stop_flag = torch.tensor([0.0 if self.stop.signum is None else 1.0, float(self.prune_requested)],
+                                 device=device)
         if self.world > 1:
             stop_flag = accelerator.reduce(stop_flag, reduction="sum")
         norm_value = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=device).float()
-        self.grad_norm, stop_votes = torch.stack([norm_value.reshape(()), stop_flag[0]]).tolist()
+        self.grad_norm, stop_votes, prune_votes = torch.cat([norm_value.reshape(1), stop_flag]).tolist()
+        if prune_votes > 0:  # the run ends at the step that was evaluated; this one is dropped
+            optimizer.zero_grad(set_to_none=True)
+            self.pruned = True
+            return stop_votes
         if not math.isfinite(self.grad_norm) and not accelerator.scaler:
             state.nonfinite_steps += 1
             optimizer.zero_grad(set_to_none=True)
@@ -564,15 +584,33 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         return results
 
+    def finish_pruned(self) -> dict:
+        """A run the eval hook stopped: its last evaluation in eval_results.json with
+        ``"status": "pruned"``; no final model. Every rank says where it stopped."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        print(f"pruned at step {state.global_step} by the eval hook (process {accelerator.process_index} of "
+              f"{self.world}): no final model", flush=True)
+        results = {"status": "pruned", **self.evals.get(state.global_step, {}), "global_step": state.global_step,
+                   "best_metric": state.best_metric, "best_step": state.best_step,
+                   "metric_for_best_model": cfg.best_metric}
+        if accelerator.is_main_process:
+            from fine_tune.core.outputs import write_atomic
+
+            write_atomic(Path(cfg.output_dir) / "eval_results.json", json.dumps(results, indent=2))
+        accelerator.wait_for_everyone()
+        return results
+
 
 def run(cfg: TrainConfig) -> dict:
-    """Set up, train, evaluate, save. Returns the final metrics; exits with ``EXIT_CHECKPOINTED``
-    after a stop signal (a checkpoint was saved: requeue and resume)."""
+    """Set up, train, evaluate, save. Returns the final metrics (``"status": "pruned"`` and no final
+    model when the eval hook stopped the run); exits with ``EXIT_CHECKPOINTED`` after a stop signal
+    (a checkpoint was saved: requeue and resume)."""
     training = TrainingRun(cfg)
     try:
         training.setup()
         stop_reason = training.train()
-        results = training.finish() if stop_reason != "signal" else None
+        results = None if stop_reason == "signal" else training.finish_pruned() if stop_reason == "pruned" \
+            else training.finish()
     except BaseException:
         if training.lock is not None:  # a run that failed has ended: the folder is free
             training.lock.release()

@@ -351,8 +351,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise NotRequeued(f"stopped by preemption or the time limit after {done} requeue(s) (--max_requeues "
                               f"{self.spec.max_requeues}): not requeued again. The checkpoint in "
                               f"{self.spec.output_dir}/checkpoints is intact; submit the same command to continue")
-        state = TrainJob(self.spec)
-        state.requeues = done + 1
+        state = type(self).__new__(type(self))  # the same kind of job (a search's trial stays one)
+        state.__setstate__({**self.__getstate__(), "requeues": done + 1})
         _say(f"requeueing (requeue {done + 1} of at most {self.spec.max_requeues})")
         return submitit.helpers.DelayedSubmission(state, *args, **kwargs)
 
@@ -516,7 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sweeps")
     g.add_argument("--sweep", default=None, help="sweep YAML (slurm/sweeps/*.yaml): one job array, one output "
                                                  "directory per point under --output_dir")
-    g.add_argument("--array_parallelism", type=int, default=None, help="sweep points running at once")
+    g.add_argument("--array_parallelism", type=int, default=None, help="sweep points (or search trials) running "
+                                                                      "at once")
+    g.add_argument("--search", default=None,
+                   help="search YAML (slurm/searches/*.yaml): an Optuna study, one trial per array task, each in "
+                        "OUTPUT_DIR/trial_<N>; bad trials pruned; run the same command again to continue it")
     g = p.add_argument_group("this command")
     g.add_argument("--dry_run", action="store_true",
                    help="print the sbatch script and the per-node commands; submit nothing")
@@ -533,10 +537,15 @@ class Submission:
     folder: Path
     output_dir: Path
     sweep_name: Optional[str] = None
+    search: Any = None  # a search.SearchSpec with --search: specs[0] is then the trials' common JobSpec
 
     @property
     def is_sweep(self) -> bool:
         return self.sweep_name is not None
+
+    @property
+    def is_array(self) -> bool:
+        return self.is_sweep or self.search is not None
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -589,7 +598,16 @@ def parse_submission(argv: list[str], stamp: Optional[str] = None) -> Submission
         print(f"{PREFIX} note: every run resumes from its own latest checkpoint (--resume_from_checkpoint "
               "latest); the given --resume_from_checkpoint is ignored", file=sys.stderr)
     train = _without_flag(_without_flag(train, "output_dir"), "resume_from_checkpoint")
-    if opts.sweep is None:
+    if opts.sweep is not None and opts.search is not None:
+        raise UserError("--sweep and --search: give one of them")
+    search = None
+    if opts.search is not None:
+        from fine_tune.launchers.search import check_search
+
+        search = check_search(opts.search, train, output_dir)
+        specs = [JobSpec(train_args=train, output_dir=str(output_dir), **common)]
+        sweep_name = None
+    elif opts.sweep is None:
         args = [*train, "--output_dir", str(output_dir)]
         specs = [JobSpec(train_args=args, output_dir=str(output_dir), run_id=f"{run_tag}r0", **common)]
         sweep_name = None
@@ -611,8 +629,9 @@ def parse_submission(argv: list[str], stamp: Optional[str] = None) -> Submission
             specs.append(JobSpec(train_args=args, output_dir=str(out), name=name, run_id=f"{run_tag}r{i}", **common))
         check_distinct_folders(points)
     if opts.job_name is None:
-        opts.job_name = sweep_name or output_dir.name or "fine_tune"
-    return Submission(opts=opts, specs=specs, folder=folder, output_dir=output_dir, sweep_name=sweep_name)
+        opts.job_name = sweep_name or (search.name if search else None) or output_dir.name or "fine_tune"
+    return Submission(opts=opts, specs=specs, folder=folder, output_dir=output_dir, sweep_name=sweep_name,
+                      search=search)
 
 
 def executor_parameters(sub: Submission) -> dict:
@@ -629,7 +648,7 @@ def executor_parameters(sub: Submission) -> dict:
             params[key] = getattr(o, key)
     if o.mem_gb is not None:
         params["mem"] = submitit.slurm.slurm._convert_mem(o.mem_gb)
-    if sub.is_sweep and o.array_parallelism:
+    if sub.is_array and o.array_parallelism:
         params["array_parallelism"] = o.array_parallelism
     return params
 
@@ -659,8 +678,9 @@ def sbatch_text(sub: Submission) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = executor_parameters(sub)
-    if sub.is_sweep and len(sub.specs) > 1:
-        params["map_count"] = len(sub.specs)
+    count = sub.search.trials if sub.search is not None else len(sub.specs)
+    if sub.is_array and count > 1:
+        params["map_count"] = count
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(sub.folder))])
     return _make_sbatch_string(command=command, folder=sub.folder, **params)
 
@@ -776,54 +796,86 @@ class LogFollower:
             self.partial = ""
 
 
-def follow(sub: Submission, jobs: list, poll_s: float = 1.0) -> int:
-    """Stream the head nodes' logs until every job ends; the exit status (0, 1 or EXIT_CHECKPOINTED)."""
-    followers = [LogFollower(job_log(job), f"[{spec.name}] " if sub.is_sweep else "")
-                 for job, spec in zip(jobs, sub.specs)]
-    pending = dict(enumerate(jobs))
-    statuses: dict[int, int] = {}
-    last_state: dict[int, str] = {}
-    gone_since: dict[int, float] = {}
-    while pending:
-        time.sleep(poll_s)
-        for f in followers:
+class JobWatch:
+    """Follow submitted jobs: stream their head nodes' logs, say when their Slurm state changes,
+    and collect each job's end (0 finished, 1 failed, EXIT_CHECKPOINTED stopped after
+    --max_requeues). Jobs may be added while others run (a local search keeps N running)."""
+
+    def __init__(self, cluster: str):
+        self.cluster = cluster
+        self.jobs: list = []
+        self.tags: list[str] = []
+        self.followers: list[LogFollower] = []
+        self.pending: set[int] = set()
+        self.last_state: dict[int, str] = {}
+        self.gone_since: dict[int, float] = {}
+
+    def add(self, job, tag: str, log_prefix: str = "") -> int:
+        self.jobs.append(job)
+        self.tags.append(tag)
+        self.followers.append(LogFollower(job_log(job), log_prefix))
+        self.pending.add(len(self.jobs) - 1)
+        return len(self.jobs) - 1
+
+    def _result(self, i: int) -> Optional[tuple]:
+        job = self.jobs[i]
+        result = read_result(job)
+        if result is None and self.cluster == "local" and job.done():
+            time.sleep(1.0)
+            result = read_result(job) or ("error", "the local job ended without a result")
+        if result is None and self.cluster == "slurm":
+            info = slurm_state(job.job_id)
+            state = info.get("JobState", "")
+            shown = f"{state} (restarts {info.get('Restarts', '0')})" if state else ""
+            if shown and shown != self.last_state.get(i):
+                self.last_state[i] = shown
+                print(f"{PREFIX} {self.tags[i]}: {state.lower()}"
+                      + (f", requeued {info['Restarts']} time(s)" if info.get("Restarts", "0") != "0" else ""),
+                      flush=True)
+            if not state or state in FINAL_STATES:
+                self.gone_since.setdefault(i, time.monotonic())
+                if time.monotonic() - self.gone_since[i] > 10:
+                    result = ("error", f"Slurm reports {state or 'no such job'} "
+                                       f"(exit code {info.get('ExitCode', '?')}) and the job left no result")
+            else:
+                self.gone_since.pop(i, None)
+        return result
+
+    def poll(self) -> list[tuple[int, int, Any]]:
+        """(index, status, result value) of the jobs that ended since the last call."""
+        for f in self.followers:
             f.poll()
-        for i, job in list(pending.items()):
-            tag = f"job {job.job_id}" + (f" ({sub.specs[i].name})" if sub.is_sweep else "")
-            result = read_result(job)
-            if result is None and sub.opts.cluster == "local" and job.done():
-                time.sleep(1.0)
-                result = read_result(job) or ("error", "the local job ended without a result")
-            if result is None and sub.opts.cluster == "slurm":
-                info = slurm_state(job.job_id)
-                state = info.get("JobState", "")
-                shown = f"{state} (restarts {info.get('Restarts', '0')})" if state else ""
-                if shown and shown != last_state.get(i):
-                    last_state[i] = shown
-                    print(f"{PREFIX} {tag}: {state.lower()}"
-                          + (f", requeued {info['Restarts']} time(s)" if info.get("Restarts", "0") != "0" else ""),
-                          flush=True)
-                if not state or state in FINAL_STATES:
-                    gone_since.setdefault(i, time.monotonic())
-                    if time.monotonic() - gone_since[i] > 10:
-                        result = ("error", f"Slurm reports {state or 'no such job'} "
-                                           f"(exit code {info.get('ExitCode', '?')}) and the job left no result")
-                else:
-                    gone_since.pop(i, None)
+        ended = []
+        for i in sorted(self.pending):
+            result = self._result(i)
             if result is None:
                 continue
-            del pending[i]
-            followers[i].flush()
+            self.pending.discard(i)
+            self.followers[i].flush()
             kind, value = result
             if kind == "success":
-                statuses[i] = 0
-                print(f"{PREFIX} {tag}: finished", flush=True)
+                status = 0
+                print(f"{PREFIX} {self.tags[i]}: finished", flush=True)
             else:
                 text = str(value).strip()
                 last = text.splitlines()[-1] if text else "failed"
-                statuses[i] = EXIT_CHECKPOINTED if "NotRequeued" in text else 1
-                print(f"{PREFIX} {tag}: {'stopped' if statuses[i] == EXIT_CHECKPOINTED else 'failed'}: {last}",
+                status = EXIT_CHECKPOINTED if "NotRequeued" in text else 1
+                print(f"{PREFIX} {self.tags[i]}: {'stopped' if status == EXIT_CHECKPOINTED else 'failed'}: {last}",
                       file=sys.stderr, flush=True)
+            ended.append((i, status, value))
+        return ended
+
+
+def follow(sub: Submission, jobs: list, poll_s: float = 1.0) -> int:
+    """Stream the head nodes' logs until every job ends; the exit status (0, 1 or EXIT_CHECKPOINTED)."""
+    watch = JobWatch(sub.opts.cluster)
+    for job, spec in zip(jobs, sub.specs):
+        watch.add(job, f"job {job.job_id}" + (f" ({spec.name})" if sub.is_sweep else ""),
+                  f"[{spec.name}] " if sub.is_sweep else "")
+    statuses: dict[int, int] = {}
+    while watch.pending:
+        time.sleep(poll_s)
+        statuses.update((i, status) for i, status, _ in watch.poll())
     if sub.is_sweep:
         print_comparison([Path(s.output_dir) for s in sub.specs])
         return 0 if all(s == 0 for s in statuses.values()) else 1
@@ -879,6 +931,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         build_parser().print_help()
         return
     sub = parse_submission(argv, stamp="dry_run" if "--dry_run" in split_argv(argv)[0] else None)
+    if sub.search is not None:
+        from fine_tune.launchers.search import run_search
+
+        sys.exit(run_search(sub))
     if sub.opts.dry_run:
         sys.stdout.write(dry_run_text(sub))
         return

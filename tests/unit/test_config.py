@@ -130,8 +130,9 @@ def test_json_options_from_flags_and_yaml_mappings(tmp_path):
 def test_repeated_metric_flags_add_to_the_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("metric: [a]\n")
-    assert parse_args(["--config", str(recipe), "--metric", "b", "--metric", "c"]).metric == ["a", "b", "c"]
-    assert parse_args(["--metric", "b"]).metric == ["b"]
+    trust = ["--trust_remote_code", "true"]  # metrics not built in run evaluate scripts
+    assert parse_args(["--config", str(recipe), "--metric", "b", "--metric", "c", *trust]).metric == ["a", "b", "c"]
+    assert parse_args(["--metric", "b", *trust]).metric == ["b"]
 
 
 def test_best_metric_defaults_per_task():

@@ -1,0 +1,644 @@
+"""Hyper-parameter search that learns: an Optuna study whose trials run as submitit job arrays
+(or locally), pruned through the loop, resumable after preemption.
+
+    python slurm/submit.py --search slurm/searches/sentiment.yaml [slurm options] -- [train flags]
+
+The search folder (the common ``--output_dir``) holds the study (``study.journal``, Optuna's
+journal file storage: no server, safe on a shared filesystem), a copy of the search file
+(``search.yaml``), one run folder per trial (``trial_<N>``) and, at the end, the report
+(``report.md``) and the plot (``objective.png``).
+
+One array task trains one trial. Its head task claims a trial under a file lock: the trial its
+job already held (a job that Slurm requeued), else a trial whose job is gone (the submitter
+or the job was killed: the new task resumes that trial's checkpoint under the same number),
+else a new one from the sampler while the study has fewer than ``trials``. So re-running
+the same command continues a study and never counts a trial twice.
+
+Pruning: each trial runs ``train.py --eval_hook fine_tune.launchers.search:trial_reporter``.
+After each evaluation the loop's main process calls the reporter, which reports the objective
+to the trial (Optuna step = the evaluation's number) and asks the pruner; a "stop" travels
+with the loop's all-reduced stop vote, so every rank stops at the same step, and the run ends
+with ``"status": "pruned"`` in its ``eval_results.json`` (exit status 0, no ``final/``).
+The task then marks the trial pruned (or complete with the objective, or failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import submitit
+
+from fine_tune import EXIT_CHECKPOINTED
+from fine_tune.core.config import ConfigError, parse_args
+from fine_tune.core.errors import UserError
+from fine_tune.launchers.slurm import (PREFIX, JobSpec, JobWatch, TrainingFailed, TrainJob, _has_flag, format_value,
+                                       job_log, make_executor, point_flags, sbatch_text, slurm_state)
+
+STUDY_FILE = "study.journal"
+SEARCH_COPY = "search.yaml"
+REPORT_FILE = "report.md"
+PLOT_FILE = "objective.png"
+STUDY_NAME = "search"
+HOOK = "fine_tune.launchers.search:trial_reporter"
+DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "none")
+# Slurm states in which a job may still run (or run again): its trial is not an orphan
+LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
+                     "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
+
+
+# ------------------------------------------------------------------ the search file
+@dataclass
+class SearchSpec:
+    """A search file (slurm/searches/*.yaml), checked."""
+    space: dict  # train flag -> {distribution: arguments}
+    metric: str = "eval_accuracy"
+    direction: str = "maximize"
+    trials: int = 20
+    sampler: dict = field(default_factory=lambda: {"name": "tpe", "seed": 0})
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    name: str = "search"
+
+    def to_dict(self) -> dict:
+        return {"search": self.space, "objective": {"metric": self.metric, "direction": self.direction},
+                "trials": self.trials, "sampler": self.sampler, "pruner": self.pruner, "name": self.name}
+
+
+def load_search(path: str | os.PathLike) -> SearchSpec:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--search {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--search {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return search_from_dict(data, str(path), default_name=p.stem)
+
+
+def search_from_dict(data: Any, where: str, default_name: str = "search") -> SearchSpec:
+    def bad(message: str):
+        raise UserError(f"--search {where}: {message}")
+
+    if not isinstance(data, dict):
+        bad("expected a mapping with 'search', 'objective', 'trials', 'sampler', 'pruner'")
+    unknown = set(data) - {"search", "objective", "trials", "sampler", "pruner", "name"}
+    if unknown:
+        bad(f"unknown keys {sorted(unknown)}; expected search, objective, trials, sampler, pruner, name")
+    space = data.get("search")
+    if not isinstance(space, dict) or not space:
+        bad("'search' must map train flags to distributions, e.g. learning_rate: {log_uniform: [1.0e-5, 1.0e-3]}")
+    for key, spec in space.items():
+        kind, args = (next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, None))
+        if kind not in DISTRIBUTIONS:
+            bad(f"{key}: give one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                bad(f"{key}: choice needs a non-empty list of values")
+        elif not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+                  and args[0] < args[1]):
+            bad(f"{key}: {kind} needs [low, high] with low < high")
+        elif kind == "log_uniform" and args[0] <= 0:
+            bad(f"{key}: log_uniform bounds must be > 0")
+        elif kind == "int_uniform" and not all(float(a).is_integer() for a in args):
+            bad(f"{key}: int_uniform bounds must be integers")
+    objective = data.get("objective") or {}
+    if not isinstance(objective, dict) or set(objective) - {"metric", "direction"}:
+        bad("'objective' must be {metric: eval_accuracy, direction: maximize}")
+    metric = str(objective.get("metric", "eval_accuracy"))
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    direction = objective.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        bad(f"objective direction {direction!r}: use maximize or minimize")
+    trials = data.get("trials", 20)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        bad(f"trials must be a positive integer, not {trials!r}")
+    sampler = data.get("sampler") or {}
+    sampler = {"name": sampler} if isinstance(sampler, str) else sampler
+    if not isinstance(sampler, dict) or sampler.get("name", "tpe") not in SAMPLERS or set(sampler) - {"name", "seed"}:
+        bad(f"sampler must be {{name: {'|'.join(SAMPLERS)}, seed: N}}")
+    sampler = {"name": sampler.get("name", "tpe"), "seed": int(sampler.get("seed", 0))}
+    if sampler["name"] == "grid" and any(next(iter(s)) not in ("choice", "int_uniform") for s in space.values()):
+        bad("the grid sampler needs choice (or int_uniform) entries only")
+    pruner = data.get("pruner") or {}
+    pruner = {"name": pruner} if isinstance(pruner, str) else pruner
+    if not isinstance(pruner, dict) or pruner.get("name", "median") not in PRUNERS \
+            or set(pruner) - {"name", "warmup_evals", "startup_trials"}:
+        bad(f"pruner must be {{name: {'|'.join(PRUNERS)}, warmup_evals: N, startup_trials: N}}")
+    pruner = {"name": pruner.get("name", "median"), "warmup_evals": int(pruner.get("warmup_evals", 0)),
+              "startup_trials": int(pruner.get("startup_trials", 5))}
+    return SearchSpec(space=space, metric=metric, direction=direction, trials=trials, sampler=sampler,
+                      pruner=pruner, name=str(data.get("name") or default_name))
+
+
+def distributions(spec: SearchSpec) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, entry in spec.space.items():
+        (kind, args), = entry.items()
+        if kind == "choice":
+            out[key] = CategoricalDistribution(args)
+        elif kind == "int_uniform":
+            out[key] = IntDistribution(int(args[0]), int(args[1]))
+        else:
+            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "log_uniform")
+    return out
+
+
+def sample_points(spec: SearchSpec) -> list[dict]:
+    """The corners of the space, to check that every value makes valid train flags before submitting."""
+    lows, highs = {}, {}
+    for key, entry in spec.space.items():
+        (kind, args), = entry.items()
+        values = args if kind == "choice" else [int(a) if kind == "int_uniform" else float(a) for a in args]
+        lows[key], highs[key] = values[0], values[-1]
+    points = [lows, highs]
+    for key, entry in spec.space.items():
+        (kind, args), = entry.items()
+        if kind == "choice":
+            points += [{**lows, key: v} for v in args[1:-1]]
+    return points
+
+
+def make_sampler(spec: SearchSpec, offset: int):
+    """The sampler for the trial asked as number ``offset``. Each task builds its own sampler:
+    seeded alike, every task would draw the same first point, so the seed moves on by trial.
+    Not for the grid: its seed shuffles the grid's order, which every task must share (it picks
+    a point no other trial holds, from the study)."""
+    import optuna
+
+    seed = spec.sampler["seed"] + offset
+    if spec.sampler["name"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler["name"] == "grid":
+        grid = {}
+        for key, entry in spec.space.items():
+            (kind, args), = entry.items()
+            grid[key] = list(args) if kind == "choice" else list(range(int(args[0]), int(args[1]) + 1))
+        return optuna.samplers.GridSampler(grid, seed=spec.sampler["seed"])
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(spec: SearchSpec):
+    import optuna
+
+    if spec.pruner["name"] == "none":
+        return optuna.pruners.NopPruner()
+    # evaluations are numbered from 1 and Optuna prunes from step n_warmup_steps on: the first
+    # warmup_evals evaluations are never pruned
+    return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner["startup_trials"],
+                                       n_warmup_steps=spec.pruner["warmup_evals"] + 1)
+
+
+def check_search(path: str, train: list[str], output_dir: Path) -> SearchSpec:
+    """The search file, checked with the train flags before anything is submitted."""
+    spec = load_search(path)
+    if _has_flag(train, "eval_hook"):
+        raise UserError("--eval_hook is set per trial by --search; leave it out")
+    for key in spec.space:
+        if _has_flag(train, key):
+            raise UserError(f"--{key} is searched ({path}); leave it out of the train flags")
+    for point in sample_points(spec):
+        try:
+            parse_args([*train, *point_flags(point), "--output_dir", str(output_dir / "trial_0")])
+        except ConfigError as e:
+            raise UserError(f"search {path}: {e}") from None
+    return spec
+
+
+# ------------------------------------------------------------------ the study
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def storage(folder: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(folder / STUDY_FILE)
+    # the open-based lock works on NFS (v3 and later), where the symlink lock's default may not
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def read_spec(folder: Path) -> SearchSpec:
+    import yaml
+
+    return search_from_dict(yaml.safe_load((folder / SEARCH_COPY).read_text()), str(folder / SEARCH_COPY))
+
+
+def open_study(folder: str | os.PathLike, spec: Optional[SearchSpec] = None, offset: int = 0):
+    """The study of a search folder (with the sampler for trial number ``offset``)."""
+    import optuna
+
+    _quiet_optuna()
+    folder = Path(folder)
+    spec = spec or read_spec(folder)
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage(folder), sampler=make_sampler(spec, offset),
+                             pruner=make_pruner(spec))
+
+
+def create_study(folder: Path, spec: SearchSpec, train_args: list[str]) -> None:
+    """Create the study, or check that the folder's study is this same search."""
+    import optuna
+    import yaml
+
+    _quiet_optuna()
+    copy = folder / SEARCH_COPY
+    if copy.exists():
+        before = read_spec(folder)
+        held = optuna.load_study(study_name=STUDY_NAME, storage=storage(folder)).user_attrs.get("train_args")
+        if before.to_dict() != spec.to_dict() or held != train_args:
+            raise UserError(f"{folder} holds another search ({copy}, with other settings or train flags); "
+                            "run the same command to continue it, or choose another --output_dir")
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty and holds no search; choose another --output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage(folder), direction=spec.direction,
+                                load_if_exists=True)
+    study.set_user_attr("train_args", train_args)
+    copy.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+
+
+def _finished(trial) -> bool:
+    return trial.state.is_finished()
+
+
+def owner_alive(attrs: dict) -> bool:
+    """Whether the job that claimed a running trial may still run it."""
+    if "job" not in attrs:  # asked, but its task died before it could say so (claims write both under the lock)
+        return False
+    if attrs.get("cluster") == "slurm":
+        state = slurm_state(attrs.get("job", "")).get("JobState")
+        return state in LIVE_SLURM_STATES if state is not None else False
+    if attrs.get("host") != socket.gethostname():
+        return True  # another machine's local job: nothing here can tell
+    import psutil
+
+    return psutil.pid_exists(int(attrs.get("pid", 0)))
+
+
+def study_counts(folder: Path) -> dict:
+    """Trials by kind: finished, running with a live job, orphaned (running, its job gone)."""
+    study = open_study(folder)
+    counts = {"finished": 0, "live": 0, "orphaned": 0}
+    for t in study.get_trials(deepcopy=False):
+        if _finished(t):
+            counts["finished"] += 1
+        else:
+            counts["live" if owner_alive(t.user_attrs) else "orphaned"] += 1
+    return counts
+
+
+def _claim_lock(folder: Path):
+    from optuna.storages.journal import JournalFileOpenLock
+
+    return JournalFileOpenLock(str(folder / "claim"))
+
+
+def claim_trial(folder: Path, job_key: str, cluster: str) -> Optional[int]:
+    """The trial this job trains (see the module's docstring), or None when the study is full."""
+    lock = _claim_lock(folder)
+    lock.acquire()
+    try:
+        study = open_study(folder)
+        spec = read_spec(folder)
+        trials = study.get_trials(deepcopy=False)
+        mine = [t for t in trials if not _finished(t) and t.user_attrs.get("job") == job_key]
+        orphans = [t for t in trials if not _finished(t) and t.user_attrs.get("job") != job_key
+                   and not owner_alive(t.user_attrs)]
+        if mine or orphans:
+            number = (mine or orphans)[0].number
+            if not mine:
+                _say(f"trial {number}: its job {orphans[0].user_attrs.get('job')} is gone; this job takes it over "
+                     "(it resumes the trial's last checkpoint)")
+        elif len(trials) < spec.trials:
+            study = open_study(folder, spec, offset=len(trials))
+            number = study.ask(distributions(spec)).number
+        else:
+            return None
+        _set_owner(study, number, job_key, cluster)
+        return number
+    finally:
+        lock.release()
+
+
+def _trial_id(study, number: int) -> int:
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
+def _set_owner(study, number: int, job_key: str, cluster: str) -> None:
+    trial_id = _trial_id(study, number)
+    for key, value in {"job": job_key, "cluster": cluster, "host": socket.gethostname(), "pid": os.getpid()}.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def wait_for_claim(folder: Path, job_key: str, timeout_s: float = 300.0) -> Optional[int]:
+    """The trial the head task of this job claimed (the other nodes of a multi-node trial)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for t in open_study(folder).get_trials(deepcopy=False):
+            if not _finished(t) and t.user_attrs.get("job") == job_key:
+                return t.number
+        time.sleep(2.0)
+    return None
+
+
+def trial_dir(folder: Path, number: int) -> Path:
+    return folder / f"trial_{number}"
+
+
+def trial_args(base: list[str], folder: Path, number: int, params: dict, name: str) -> list[str]:
+    """train.py flags of one trial: the common flags, the trial's values, its folder and the reporter."""
+    args = [*base, *point_flags(params), "--output_dir", str(trial_dir(folder, number))]
+    if not _has_flag(base, "run_name"):
+        args += ["--run_name", f"{name}-trial_{number}"]
+    if not _has_flag(base, "wandb_group"):
+        args += ["--wandb_group", name]
+    return args + ["--eval_hook", HOOK]
+
+
+def _say(message: str) -> None:
+    print(f"{PREFIX} {message}", flush=True)
+
+
+# ------------------------------------------------------------------ what every array task runs
+class SearchJob(TrainJob):
+    """One trial: every node's task of one array element. The head task claims the trial and,
+    when training has ended, tells the study its outcome."""
+
+    def __init__(self, spec: JobSpec):
+        super().__init__(spec)  # spec: the common flags, output_dir = the search folder
+        self.base = spec
+        self.trial_number: Optional[int] = None
+
+    def __getstate__(self) -> dict:  # a requeued job keeps its trial
+        return {**super().__getstate__(), "base": self.base, "trial_number": self.trial_number}
+
+    def __call__(self) -> dict:
+        env = submitit.JobEnvironment()
+        rank = self.topology(env)[0]
+        folder = Path(self.base.output_dir)
+        job_key = str(env.job_id)
+        if self.trial_number is None:
+            self.trial_number = claim_trial(folder, job_key, self.base.cluster) if rank == 0 \
+                else wait_for_claim(folder, job_key)
+        else:  # requeued: the trial is still ours unless a live job took it over meanwhile
+            owner = open_study(folder).get_trials(deepcopy=False)[self.trial_number].user_attrs
+            if owner.get("job") != job_key and owner_alive(owner):
+                _say(f"trial {self.trial_number} was taken over by job {owner.get('job')}: nothing to do")
+                return {"status": "nothing to do", "node": rank}
+            if rank == 0:
+                _set_owner(open_study(folder), self.trial_number, job_key, self.base.cluster)
+        if self.trial_number is None:
+            _say("the study has all its trials: nothing to do")
+            return {"status": "nothing to do", "node": rank}
+        number = self.trial_number
+        study = open_study(folder)
+        trial = study.get_trials(deepcopy=False)[number]
+        if _finished(trial):
+            _say(f"trial {number} is already {trial.state.name.lower()}: nothing to do")
+            return {"status": "nothing to do", "node": rank, "trial": number}
+        spec = read_spec(folder)
+        args = trial_args(self.base.train_args, folder, number, trial.params, spec.name)
+        self.spec = dataclasses.replace(self.base, train_args=args, output_dir=str(trial_dir(folder, number)),
+                                        name=f"trial_{number}")
+        _say(f"trial {number}: " + ", ".join(f"{k}={format_value(v)}" for k, v in trial.params.items()))
+        try:
+            result = super().__call__()
+        except TrainingFailed as e:
+            if rank == 0:
+                study.tell(number, state=_state("FAIL"))
+                _say(f"trial {number}: failed")
+            raise e
+        if rank == 0 and result["status"] == "finished":
+            _say(f"trial {number}: {tell_outcome(study, number, Path(self.spec.output_dir), spec.metric)}")
+        return {**result, "trial": number}
+
+
+def _state(name: str):
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+def tell_outcome(study, number: int, run_dir: Path, metric: str) -> str:
+    """Mark the trial pruned, complete (with the objective) or failed, from its eval_results.json."""
+    try:
+        results = json.loads((run_dir / "eval_results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        results = {}
+    trial_id = _trial_id(study, number)
+    if results.get("global_step") is not None:
+        study._storage.set_trial_user_attr(trial_id, "steps", int(results["global_step"]))
+    if results.get("status") == "pruned":
+        study.tell(number, state=_state("PRUNED"))
+        return f"pruned at step {results.get('global_step')}"
+    value = results.get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        study.tell(number, state=_state("FAIL"))
+        return f"failed: no finite {metric} in {run_dir / 'eval_results.json'}"
+    study.tell(number, float(value))
+    return f"complete, {metric} {value:.4f}"
+
+
+# ------------------------------------------------------------------ the reporter train.py calls
+def trial_reporter(cfg):
+    """``--eval_hook`` factory, run in the trial's main training process: report each evaluation's
+    objective to the trial (step = the evaluation's number) and say whether the pruner stops it."""
+    folder = Path(cfg.output_dir).resolve().parent
+    number = int(Path(cfg.output_dir).name.rsplit("_", 1)[1])
+    spec = read_spec(folder)
+    study = open_study(folder, spec)
+    import optuna
+
+    trial = optuna.trial.Trial(study, _trial_id(study, number))
+
+    def report(step: int, evaluation: int, metrics: dict) -> bool:
+        value = metrics.get(spec.metric)
+        if value is None:
+            raise UserError(f"the search's objective {spec.metric} is not among the eval metrics "
+                            f"({', '.join(sorted(metrics))})")
+        with warnings.catch_warnings():  # a resumed run reports its evaluations again: ignored
+            warnings.simplefilter("ignore")
+            trial.report(float(value), evaluation)
+        return trial.should_prune()
+
+    return report
+
+
+# ------------------------------------------------------------------ the report
+def best_command(study, spec: SearchSpec, folder: Path) -> Optional[str]:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        return None
+    best = study.best_trial
+    args = [*study.user_attrs.get("train_args", []), *point_flags(best.params),
+            "--output_dir", str(folder / "best")]
+    return "accelerate launch train.py " + shlex.join(args)
+
+
+def importances(study) -> dict:
+    """Optuna's parameter importances (its default evaluator, PED-ANOVA), from 3 complete trials on."""
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < 3:
+        return {}
+    try:
+        with warnings.catch_warnings():  # "quantiles select the same trials": few trials, equal shares
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):
+        return {}
+
+
+def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[list]]:
+    """Trials, best first: number, the values of the searched flags, objective, state, steps, wall time."""
+    from fine_tune.commands.compare import fmt_duration, is_run_dir, load_run
+
+    params = list(spec.space)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        run_dir = trial_dir(folder, t.number)
+        run = load_run(run_dir) if is_run_dir(run_dir) else None
+        steps = t.user_attrs.get("steps") or (run.steps() if run else None)
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        value = t.value if t.value is not None else last
+        rows.append([t.number, *[t.params.get(k) for k in params], value, t.state.name.lower(), steps,
+                     fmt_duration(run.elapsed() if run else None)])
+    sign = -1.0 if spec.direction == "maximize" else 1.0
+    order = {"complete": 0, "pruned": 1, "running": 2, "waiting": 2, "fail": 3}
+    n = len(params) + 1
+    rows.sort(key=lambda r: (order.get(r[n + 1], 3),
+                             sign * r[n] if isinstance(r[n], float) and math.isfinite(r[n]) else math.inf, r[0]))
+    for r in rows:
+        r[n + 1] = {"fail": "failed"}.get(r[n + 1], r[n + 1])
+    return ["trial", *params, spec.metric, "state", "steps", "wall_time"], rows
+
+
+def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
+    """Objective per trial with the best-so-far line (Optuna's optimization history, complete
+    trials), and each pruned trial's last reported value as a grey cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return None
+    ax = ovm.plot_optimization_history(study, target_name=spec.metric)
+    pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)]) for t in study.get_trials(deepcopy=False)
+              if t.state.name == "PRUNED" and t.intermediate_values]
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last evaluation)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.set_title(f"{spec.name}: {spec.metric} per trial ({spec.direction})")
+    fig = ax.figure
+    fig.set_size_inches(8, 4.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(folder: str | os.PathLike, write: bool = True) -> str:
+    """The search's report (table of trials, best command line, importances) as markdown; with
+    ``write``, also saved to SEARCH_FOLDER/report.md with the plot SEARCH_FOLDER/objective.png."""
+    from fine_tune.core.tables import format_table
+
+    folder = Path(folder).resolve()
+    spec = read_spec(folder)
+    study = open_study(folder, spec)
+    columns, rows = trial_rows(folder, study, spec)
+    states = [r[-3] for r in rows]
+    lines = [f"search {spec.name}: {len(rows)} of {spec.trials} trials ("
+             + ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "failed", "running")
+                         if states.count(s)) + f"), objective {spec.metric} ({spec.direction})", "",
+             format_table(columns, rows, "markdown").rstrip()]
+    command = best_command(study, spec, folder)
+    if command:
+        best = study.best_trial
+        lines += ["", f"best trial {best.number}: {spec.metric} {best.value:.4f}; train it again with:", "",
+                  f"    {command}"]
+    scores = importances(study)
+    if scores:
+        lines += ["", "parameter importances (Optuna): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())]
+    if write:
+        plot = plot_objective(study, spec, folder / PLOT_FILE)
+        if plot:
+            lines += ["", f"plot: {plot}"]
+        (folder / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ the submitter
+def run_search(sub) -> int:
+    """Create (or continue) the study, run the missing trials as one job array (locally: at most
+    --array_parallelism at once, from here), follow them with --wait, print the report.
+    Exit status: 0 when the study has all its trials, 75 when a trial stopped after
+    --max_requeues, 1 otherwise."""
+    o, spec, folder, base = sub.opts, sub.search, sub.output_dir, sub.specs[0]
+    if o.dry_run:
+        example = shlex.join(trial_args(base.train_args, folder, 0, {}, spec.name))
+        sys.stdout.write(f"# dry run: nothing submitted (search {spec.name}: up to {spec.trials} trials as one job "
+                         f"array, cluster {o.cluster})\n# ---- sbatch script\n{sbatch_text(sub).rstrip()}\n"
+                         f"# ---- each trial (here trial 0, plus its values): train.py {example}\n")
+        return 0
+    create_study(folder, spec, base.train_args)
+    counts = study_counts(folder)
+    todo = spec.trials - counts["finished"] - counts["live"]
+    parallel = max(1, o.array_parallelism or todo or 1)
+    new = max(todo - counts["orphaned"], 0)
+    print(f"search {spec.name}: {spec.trials} trials ({counts['finished']} finished, {counts['live']} running, "
+          f"{counts['orphaned']} to resume, {new} to start), objective {spec.metric} ({spec.direction})", flush=True)
+    print(f"output directory: {folder}", flush=True)
+    watch = JobWatch(o.cluster)
+    statuses: list[int] = []
+    if todo > 0:
+        ex = make_executor(sub)
+        if o.cluster == "slurm":
+            with ex.batch():
+                jobs = [ex.submit(SearchJob(base)) for _ in range(todo)]
+            print(f"submitted job array {str(jobs[0].job_id).split('_')[0]}: {todo} trial(s), at most "
+                  f"{o.array_parallelism or todo} at once (slurm)", flush=True)
+            for job in jobs:
+                watch.add(job, f"job {job.job_id}", f"[{job.job_id}] ")
+            print(f"follow: tail -f {job_log(jobs[0])}    report: python -m fine_tune.compare {folder}", flush=True)
+            if not o.wait:
+                return 0
+        submitted = len(watch.jobs)
+        while submitted < todo or watch.pending:
+            while o.cluster == "local" and submitted < todo and len(watch.pending) < parallel:
+                job = ex.submit(SearchJob(base))
+                watch.add(job, f"job {job.job_id}", f"[task {submitted}] ")
+                print(f"{PREFIX} started local job {job.job_id} (task {submitted} of {todo}), log {job_log(job)}",
+                      flush=True)
+                submitted += 1
+            time.sleep(1.0)
+            statuses += [status for _, status, _ in watch.poll()]
+    text = report(folder)
+    print(f"{PREFIX} search report ({folder / REPORT_FILE})", flush=True)
+    print(text, end="", flush=True)
+    if study_counts(folder)["finished"] >= spec.trials:
+        return 0
+    return EXIT_CHECKPOINTED if EXIT_CHECKPOINTED in statuses else 1
