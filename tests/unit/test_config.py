@@ -155,7 +155,7 @@ def test_eval_steps_default_to_logging_steps():
 def test_saved_config_reads_back_equal(tmp_path):
     """Resume compares a checkpoint's config.yaml with the new run's options."""
     cfg = parse_args(["--learning_rate", "3e-4", "--warmup_steps", "0.1", "--lr_scheduler_kwargs", '{"gamma": 0.5}',
-                      "--metric", "a", "--group_by_length", "false", "--max_train_samples", "10"])
+                      "--metric", "a", "--trust_remote_code", "true", "--group_by_length", "false", "--max_train_samples", "10"])
     save_config(cfg, tmp_path / "config.yaml")
     assert config_from_dict(load_yaml(tmp_path / "config.yaml")) == cfg
 
