@@ -22,8 +22,6 @@ times, counted by ``SLURM_RESTART_COUNT``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import math
 import os
 import random
@@ -43,6 +41,7 @@ from typing import Any, Optional
 import submitit
 
 from fine_tune import EXIT_CHECKPOINTED
+from fine_tune.core.checkpoint import latest_checkpoint
 from fine_tune.core.config import ConfigError, main_guard, parse_args
 from fine_tune.core.errors import UserError
 
@@ -219,11 +218,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
     def _latest(self) -> Optional[str]:
-        pointer = Path(self.spec.output_dir) / "checkpoints" / "latest"
-        try:
-            return pointer.read_text().strip()
-        except OSError:
-            return None
+        latest = latest_checkpoint(self.spec.output_dir)  # the loop's own lookup (a stale pointer falls back)
+        return latest.name if latest is not None else None
 
     # ---------------------------------------------------------------- the run
     def __call__(self) -> dict:
@@ -647,7 +643,7 @@ def executor_parameters(sub: Submission) -> dict:
         if getattr(o, key) is not None:
             params[key] = getattr(o, key)
     if o.mem_gb is not None:
-        params["mem"] = submitit.slurm.slurm._convert_mem(o.mem_gb)
+        params["mem"] = f"{int(o.mem_gb)}GB" if float(o.mem_gb).is_integer() else f"{int(o.mem_gb * 1024)}MB"
     if sub.is_array and o.array_parallelism:
         params["array_parallelism"] = o.array_parallelism
     return params
@@ -674,7 +670,11 @@ def make_executor(sub: Submission):
 
 
 def sbatch_text(sub: Submission) -> str:
-    """The sbatch script submitit writes for this submission."""
+    """The sbatch script submitit writes for this submission.
+
+    submitit has no public way to render its script without submitting, so the dry run calls
+    the private function its executor uses (and the command line it runs); tests pin the text,
+    so a submitit upgrade that changes either fails there, not on a cluster."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = executor_parameters(sub)
@@ -882,45 +882,16 @@ def follow(sub: Submission, jobs: list, poll_s: float = 1.0) -> int:
     return statuses[0]
 
 
-def comparison_table(run_dirs: list[Path]) -> str:
-    rows = []
-    for d in run_dirs:
-        path = d / "eval_results.json"
-        try:
-            rows.append((d.name, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError):
-            rows.append((d.name, None))
-    preferred = ["eval_loss", "eval_accuracy", "eval_f1_macro", "eval_f1", "eval_mse", "eval_pearson",
-                 "best_metric", "global_step"]
-    present = [k for k in preferred if any(r and k in r for _, r in rows)]
-    header = ["run", *present]
-    table = [header]
-    for name, r in rows:
-        if r is None:
-            table.append([name, *(["(no results)"] + [""] * (len(present) - 1) if present else [])])
-            continue
-        table.append([name, *(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in present)])
-    widths = [max(len(row[c]) if c < len(row) else 0 for row in table) for c in range(len(header))]
-    out = []
-    for j, row in enumerate(table):
-        out.append("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
 def print_comparison(run_dirs: list[Path]) -> None:
-    """The sweep's comparison table: fine_tune.commands.compare's when it is there, else a plain one."""
-    print(f"{PREFIX} comparison of {len(run_dirs)} runs", flush=True)
-    if importlib.util.find_spec("fine_tune.commands.compare") is not None:
-        try:
-            from fine_tune.commands import compare
+    """The sweep's comparison table (fine_tune.commands.compare's)."""
+    from fine_tune.commands import compare
 
-            print(compare.table([str(d) for d in run_dirs]), flush=True)
-            return
-        except Exception as e:  # noqa: BLE001 - the plain table below still says what happened
-            print(f"{PREFIX} (fine_tune.commands.compare failed: {e}; plain table instead)", flush=True)
-    print(comparison_table(run_dirs), flush=True)
+    started = [d for d in run_dirs if (d / "config.yaml").exists()]  # a point that failed at start holds no run
+    missing = sorted(d.name for d in run_dirs if d not in started)
+    print(f"{PREFIX} comparison of {len(started)} runs" + (f" (no run in: {', '.join(missing)})" if missing else ""),
+          flush=True)
+    if started:
+        print(compare.table([str(d) for d in started]), flush=True)
 
 
 # ------------------------------------------------------------------ entry point
