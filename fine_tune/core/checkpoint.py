@@ -7,6 +7,9 @@ Layout::
                                        (custom_checkpoint_*.pkl), train_state.json, config.yaml
     OUTPUT_DIR/checkpoints/latest      text file naming the newest complete checkpoint
 
+With frozen weights (LoRA) a checkpoint holds only the trainable ones and their optimizer
+state: the frozen ones are the pre-trained model's, loaded again at resume.
+
 A checkpoint is written into ``.tmp-step_<N>``, fsynced, and renamed; ``latest`` is replaced
 atomically after the rename. A crash at any point leaves the previous checkpoint as
 ``latest``, and a half-written folder never has the name resume looks for.
@@ -91,7 +94,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # DeepSpeed writes its own files: it leaves frozen weights out when asked (a no-op without any)
+    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
     if accelerator.is_main_process:
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
@@ -190,9 +194,48 @@ def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
                         "--ignore_config_mismatch to resume anyway")
 
 
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def save_trainable_weights_only(accelerator) -> None:
+    """Make accelerate's checkpoints of a partly frozen model hold its trainable weights only
+    (DeepSpeed: see save_checkpoint); a full fine-tune is saved as before."""
+    from safetensors.torch import load_file
+
+    def trainable(model) -> set:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def is_partly_frozen(model) -> bool:
+        return any(not p.requires_grad for p in model.parameters())
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            if is_partly_frozen(model):
+                keep = trainable(model)
+                for key in [k for k in state if k not in keep]:
+                    del state[key]
+
+    def load_trainable(models, input_dir):
+        for i, model in enumerate(list(models)):
+            if not is_partly_frozen(model):
+                continue
+            file = Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors"
+            missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+            absent = trainable(model) & set(missing)
+            if unexpected or absent:
+                raise RuntimeError(f"{file.name} does not fit the model's trainable weights "
+                                   f"({len(absent)} missing, {len(unexpected)} unexpected)")
+            models.remove(model)  # loaded: accelerate must not load it again, strictly
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
+
+
 def load_checkpoint(accelerator, path: Path) -> None:
     try:
-        accelerator.load_state(str(path))
+        # DeepSpeed: a checkpoint without the frozen weights is loaded over the pre-trained ones
+        accelerator.load_state(str(path), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
         raise UserError(f"checkpoint {path} is corrupt or incomplete ({first_line(e)}); resume from an older "
                         "checkpoint in the same folder") from None
