@@ -19,6 +19,9 @@ Nothing in a checkpoint can run code: the loop state and the scheduler are JSON 
 ``register_for_checkpointing`` would pickle them), and every torch file is loaded with
 ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` while loading, which covers
 DeepSpeed's own loader too).
+
+With frozen weights (LoRA) a checkpoint holds only the trainable ones and their optimizer
+state: the frozen ones are the pre-trained model's, loaded again at resume.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # DeepSpeed writes its own files: it leaves frozen weights out when asked (a no-op without any)
+    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
     if accelerator.is_main_process:
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
@@ -257,6 +261,44 @@ def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
                         "--ignore_config_mismatch to resume anyway")
 
 
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def save_trainable_weights_only(accelerator) -> None:
+    """Make accelerate's checkpoints of a partly frozen model hold its trainable weights only
+    (DeepSpeed: see save_checkpoint); a full fine-tune is saved as before."""
+    from safetensors.torch import load_file
+
+    def trainable(model) -> set:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def is_partly_frozen(model) -> bool:
+        return any(not p.requires_grad for p in model.parameters())
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            if is_partly_frozen(model):
+                keep = trainable(model)
+                for key in [k for k in state if k not in keep]:
+                    del state[key]
+
+    def load_trainable(models, input_dir):
+        for i, model in enumerate(list(models)):
+            if not is_partly_frozen(model):
+                continue
+            file = Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors"
+            missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+            absent = trainable(model) & set(missing)
+            if unexpected or absent:
+                raise RuntimeError(f"{file.name} does not fit the model's trainable weights "
+                                   f"({len(absent)} missing, {len(unexpected)} unexpected)")
+            models.remove(model)  # loaded: accelerate must not load it again, strictly
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
+
+
 def _deepspeed_safe_globals() -> list:
     """The plain data classes DeepSpeed pickles into its optimizer state (the loss scaler, the
     ZeRO stage enum, parameter fragment addresses): rebuilding them sets attributes and runs
@@ -278,7 +320,7 @@ def _weights_only_loads(accelerator):
 
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    allowed = _deepspeed_safe_globals() if accelerator.state.deepspeed_plugin is not None else []
+    allowed = _deepspeed_safe_globals() if _is_deepspeed(accelerator) else []
     try:
         with torch.serialization.safe_globals(allowed):
             yield
@@ -296,7 +338,8 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
 
     try:
         with _weights_only_loads(accelerator):
-            accelerator.load_state(str(path))
+            # DeepSpeed: a checkpoint without the frozen weights (LoRA) loads over the pre-trained ones
+            accelerator.load_state(str(path), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
         if scheduler is not None:
             scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))

@@ -39,6 +39,8 @@ REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "all")
 # --metric names fine_tune computes itself (fine_tune/core/metrics.py): no `evaluate` script is
 # loaded for them; any other name runs a script and needs --trust_remote_code.
 BUILTIN_METRICS = ("accuracy", "precision", "recall", "f1", "mse", "mae", "pearson", "spearman")
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -67,6 +69,25 @@ class TrainConfig:
     trust_remote_code: bool = _opt(
         False, "allow running code that is not part of fine_tune: a model's or tokenizer's own Python files "
         "(from_pretrained) and --metric scripts loaded through `evaluate`", group="model")
+    torch_dtype: str = _opt(
+        "float32", "dtype the weights are loaded in (from_pretrained's dtype): auto is the checkpoint's own; "
+        "bfloat16 halves the memory of frozen weights (with --use_peft) or trains in pure bf16; float16 only "
+        "with --use_peft and --mixed_precision fp16", choices=TORCH_DTYPES, group="model")
+    attn_implementation: Optional[str] = _opt(
+        None, "attention kernel passed to from_pretrained (default: transformers' choice, sdpa where the model "
+        "has it); flash_attention_2 needs a GPU and the flash-attn package", choices=ATTN_IMPLEMENTATIONS,
+        group="model")
+    use_peft: bool = _opt(False, "train a LoRA adapter (peft) instead of all weights; final/ holds the merged "
+                          "model, final/adapter/ the adapter alone", group="model")
+    lora_r: int = _opt(16, "LoRA rank", group="model")
+    lora_alpha: int = _opt(32, "LoRA alpha (the update is scaled by alpha / r)", group="model")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA branch's input", group="model")
+    lora_target_modules: str = _opt(
+        "all-linear", "modules that get an adapter: all-linear (every linear layer but the task head) or a "
+        "comma list of module names, e.g. q_proj,v_proj", group="model")
+    lora_modules_to_save: Optional[str] = _opt(
+        None, "comma list of modules trained in full next to the adapter; none given: the task head "
+        "(classifier, score, ...)", group="model")
     # ----------------------------------------------------------------- data
     dataset_name: Optional[str] = _opt(None, "hub data set, e.g. yelp_review_full", group="data")
     dataset_config_name: Optional[str] = _opt(None, "hub data set configuration", group="data")
@@ -264,6 +285,18 @@ class TrainConfig:
                               f"{', '.join(BUILTIN_METRICS)})")
         if self.eval_hook is not None:
             need(":" in self.eval_hook, "eval_hook", "write it MODULE:FACTORY")
+        if self.use_peft:
+            need(self.lora_r >= 1, "lora_r", "must be an integer >= 1")
+            need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+            need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+            need(bool(self.lora_target_modules.strip(" ,")), "lora_target_modules",
+                 "all-linear or a comma list of module names")
+        if self.torch_dtype == "float16":
+            # float16 weights cannot take AdamW updates (and the gradient scaler refuses to unscale fp16
+            # gradients); only frozen fp16 weights under float32 adapters, with a scaler, can train
+            need(self.use_peft and self.mixed_precision == "fp16", "torch_dtype",
+                 "float16 weights train only with --use_peft (float32 adapters) and --mixed_precision fp16 "
+                 "(a gradient scaler); load float32 or bfloat16 instead")
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
             raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
@@ -282,6 +315,8 @@ MATHS_FIELDS = (
     "model_name_or_path", "task", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "weight_decay", "lr_scheduler_type", "max_length", "seed", "mixed_precision",
     "group_by_length", "max_train_samples", "model_config_overrides", "train_file", "dataset_name",
+    "torch_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "lora_modules_to_save",
 )
 
 
@@ -406,7 +441,7 @@ def config_from_dict(values: dict, source: str = "") -> TrainConfig:
         kwargs[key] = _convert(key, types[key], raw)
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}
     for key, value in kwargs.items():
-        if choices.get(key) and value not in choices[key]:
+        if choices.get(key) and value is not None and value not in choices[key]:  # None: an unset optional
             raise ConfigError(f"--{key} {value!r} is not allowed: choose from {', '.join(choices[key])}"
                               f"{_suggest(str(value), choices[key])}")
     return TrainConfig(**kwargs).validate()

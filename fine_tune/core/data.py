@@ -323,6 +323,10 @@ class Collator:
             f.pop("n_units", None)
             f.pop("length", None)
         batch = self.pad(features)
+        if self.pad.tokenizer.padding_side == "left" and "attention_mask" in batch:
+            # decoder tokenizers often pad on the left: count positions from each text's first real
+            # token, so that a text gets the same position ids (and logits) on either padding side
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         batch["weight"] = torch.tensor(weights, dtype=torch.float32)
         return batch
 

@@ -259,7 +259,7 @@ class TrainingRun:
 
         from fine_tune.core import checkpoint, data
         from fine_tune.core.metrics import load_extra_metric
-        from fine_tune.core.model import load_model, load_tokenizer
+        from fine_tune.core.model import load_model, load_tokenizer, parameter_counts
         from fine_tune.core.optim import build_optimizer, build_scheduler
         from fine_tune.core.outputs import claim_output_dir
         from fine_tune.core.tracking import Tracker, truncate_metrics
@@ -291,7 +291,7 @@ class TrainingRun:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
                             "use fewer processes or more data")
         model = load_model(cfg, self.labels, self.tokenizer)
-        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable, self.n_params = parameter_counts(model)
         optimizer = build_optimizer(model, cfg)
 
         self.sampler = data.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
@@ -317,6 +317,7 @@ class TrainingRun:
             raise UserError("--load_best_model_at_end needs a validation split to pick the best weights: give "
                             "--validation_file, or a --validation_split_percentage above 0")
         self.state = state = checkpoint.TrainState(world_size=world)
+        checkpoint.save_trainable_weights_only(accelerator)  # LoRA: checkpoints hold what trains
         if resume_path is not None:
             checkpoint.load_checkpoint(accelerator, resume_path, state, self.scheduler)
             accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
@@ -333,7 +334,8 @@ class TrainingRun:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         accelerator.wait_for_everyone()
         run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
-                      "n_params": self.n_params, "steps_per_epoch": self.steps_per_epoch,
+                      "n_params": self.n_params, "n_trainable_params": self.n_trainable,
+                      "steps_per_epoch": self.steps_per_epoch,
                       "total_steps": self.total_steps}
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
@@ -345,12 +347,12 @@ class TrainingRun:
         import torch
         from tqdm.auto import tqdm
 
-        from fine_tune.core.model import example_losses
+        from fine_tune.core.model import describe_parameters, example_losses
 
         cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
         accelerator.print(
-            f"training {cfg.model_name_or_path} ({self.n_params / 1e6:.1f}M parameters) on {len(self.train_ds)} "
-            f"examples: {self.total_steps} optimizer steps of {self.sampler.global_batch} examples "
+            f"training {cfg.model_name_or_path} ({describe_parameters(self.n_trainable, self.n_params)}) on "
+            f"{len(self.train_ds)} examples: {self.total_steps} optimizer steps of {self.sampler.global_batch} examples "
             f"({self.world} process(es) x {cfg.per_device_train_batch_size} x "
             f"{cfg.gradient_accumulation_steps} accumulation), {accelerator.distributed_type}, "
             f"mixed precision {cfg.mixed_precision}")
@@ -480,7 +482,10 @@ class TrainingRun:
                  "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
                  **peak_memory_mb()}
         if self.peak_flops:
-            event["mfu"] = 6 * self.n_params * tokens_per_s / (self.peak_flops * self.world)
+            # per token: 2N forward, 2N backward through the activations, 2N' for the weight
+            # gradients of the N' trainable parameters (6N in a full fine-tune)
+            flops_per_token = 4 * self.n_params + 2 * self.n_trainable
+            event["mfu"] = flops_per_token * tokens_per_s / (self.peak_flops * self.world)
         self.log_event(event)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{event['learning_rate']:.2e}")
         self.window_loss.zero_()
@@ -543,8 +548,9 @@ class TrainingRun:
 
     def finish(self) -> dict:
         """The last evaluation (unless this step was just evaluated), the test split, and
-        final/: the model and tokenizer that `transformers.pipeline` loads. With
-        --load_best_model_at_end all three come from the best evaluation's weights."""
+        final/: the model and tokenizer that `transformers.pipeline` loads (and final/adapter/ with LoRA).
+        With --load_best_model_at_end all three come from the best evaluation's weights."""
+        from fine_tune.core.model import save_final
         from fine_tune.core.outputs import replace_folder, write_atomic
 
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
@@ -567,13 +573,8 @@ class TrainingRun:
         state_dict = accelerator.get_state_dict(self.model)  # on every rank: ZeRO-3 gathers the shards here
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
-            unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
-
-            def build(folder: Path) -> None:  # beside the old final/, swapped in once complete
-                unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(folder)
-
-            replace_folder(final_dir, build)
+            # built beside the old final/, swapped in once complete
+            replace_folder(final_dir, lambda folder: save_final(unwrapped, state_dict, folder, self.tokenizer))
             results.update({"global_step": state.global_step, "best_metric": state.best_metric,
                             "best_step": state.best_step, "metric_for_best_model": cfg.best_metric,
                             "load_best_model_at_end": cfg.load_best, "final_model_step": model_step})

@@ -8,6 +8,7 @@ reachable, a local folder otherwise, and ``all-MiniLM-L6-v2`` for the MiniLM shi
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -70,9 +71,22 @@ def _needs_prefix_space(name: str) -> bool:
     return any(k in name.lower() for k in ("roberta", "gpt", "bart", "deberta"))
 
 
+def check_load_options(cfg) -> None:
+    """Refuse loading choices that cannot work here, before anything is loaded."""
+    import torch
+
+    if cfg.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise UserError("--attn_implementation flash_attention_2 needs a GPU; on CPU use sdpa or eager")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn); or use sdpa")
+
+
 def load_model(cfg, labels, tokenizer=None):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    check_load_options(cfg)
     name = resolve_model_path(cfg.model_name_or_path)
     overrides = cfg.json_field("model_config_overrides")
     try:
@@ -98,13 +112,171 @@ def load_model(cfg, labels, tokenizer=None):
     try:
         # a head of another size (a checkpoint fine-tuned on other labels) is re-initialised,
         # as the labels of this data ask; transformers reports it in its load report
-        model = cls.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
-                                    trust_remote_code=cfg.trust_remote_code)
+        # (under DeepSpeed ZeRO-3 the Accelerator has made transformers' HfDeepSpeedConfig active, so
+        # from_pretrained builds the model inside deepspeed.zero.Init: each rank holds only its shard)
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = cls.from_pretrained(name, config=config, ignore_mismatched_sizes=True, dtype=cfg.torch_dtype,
+                                    trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError, RuntimeError) as e:
         raise _wrap_load_error(name, e) from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        model = apply_lora(model, cfg)
+    _check_weight_dtypes(model, cfg)
     return model
+
+
+def _check_weight_dtypes(model, cfg) -> None:
+    """Weights in half precision train only where it works (checked on what was loaded, since
+    --torch_dtype auto takes the checkpoint's dtype)."""
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters()}
+    if cfg.use_peft:
+        half = dtypes & {torch.float16, torch.bfloat16}
+        if half and cfg.mixed_precision == "no":
+            name = str(next(iter(half))).removeprefix("torch.")
+            raise UserError(f"the frozen weights are {name} (--torch_dtype {cfg.torch_dtype}) while the adapters and "
+                            f"the head train in float32: pass --mixed_precision {'fp16' if 'float16' == name else 'bf16'} "
+                            "(autocast) or --torch_dtype float32")
+    elif torch.float16 in dtypes:
+        raise UserError(f"--torch_dtype {cfg.torch_dtype} loaded float16 weights, which AdamW cannot update (and the "
+                        "gradient scaler will not unscale); pass --torch_dtype float32 or bfloat16, or --use_peft")
+
+
+# ------------------------------------------------------------------ LoRA (peft)
+def task_heads(model) -> list[str]:
+    """The modules a task model adds on top of its pre-trained body (BERT's ``classifier``,
+    Llama's ``score``, ...): its direct children that hold weights, other than the body."""
+    body = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != body and any(True for _ in child.parameters())]
+
+
+def apply_lora(model, cfg):
+    """Wrap the model in a peft LoRA model: adapters on the target modules, the task head (or
+    --lora_modules_to_save) trained in full, everything else frozen."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    heads = task_heads(model)
+    to_save = _comma_list(cfg.lora_modules_to_save) or heads
+    modules = dict(model.named_modules())
+    for name in to_save:
+        if name not in modules and not any(n.endswith("." + name) for n in modules):
+            raise UserError(f"--lora_modules_to_save: {type(model).__name__} has no module {name!r}; "
+                            f"its task head is {', '.join(heads) or 'unknown'}")
+    targets = cfg.lora_target_modules.strip()
+    if targets.lower() != "all-linear":
+        targets = _comma_list(targets)
+    # the task head trains in full, so it never gets an adapter too (peft's all-linear leaves out
+    # only heads it knows by name)
+    exclude = [n for n in modules if n and any(n == h or n.startswith(h + ".") for h in to_save)]
+    task_type = TaskType.TOKEN_CLS if cfg.task == "token-classification" else TaskType.SEQ_CLS
+    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, exclude_modules=exclude or None, modules_to_save=to_save)
+    # The adapter's initial weights depend on the seed alone, not on what loading the base model
+    # consumed from the random stream (ZeRO-3's zero.Init loads differently): every topology
+    # starts from the same adapter.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"--lora_target_modules {cfg.lora_target_modules}: {first}") from None
+    odd = sorted({type(m).__name__ for m in model.modules() if isinstance(m, LoraLayer)
+                  and not isinstance(m, LoraLinear)})
+    if odd:
+        raise UserError(f"--lora_target_modules: adapters on {', '.join(odd)} layers are not supported here; "
+                        "target linear layers (all-linear, or names like q_proj,v_proj)")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            # peft keeps the adapters in float32 over half-precision weights; the head trained in full
+            # (a copy of the loaded one) too, so that AdamW updates are not lost to rounding
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        # with frozen embeddings no checkpointed block would see an input that requires grad, and
+        # reentrant checkpointing would then drop the adapters' gradients
+        model.enable_input_require_grads()
+    return model
+
+
+def _comma_list(text) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; ZeRO-3 shards count at their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def describe_parameters(trainable: int, total: int) -> str:
+    """'22.7M parameters', or '22.7M parameters, 688K trainable (3.03%)' when some are frozen."""
+    def count(n: int) -> str:
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= size:
+                return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+        return str(n)
+
+    text = f"{count(total)} parameters"
+    return text if trainable == total else f"{text}, {count(trainable)} trainable ({100 * trainable / total:.2f}%)"
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def merged_state_dict(peft_model, state_dict: dict) -> dict:
+    """The plain model's weights with every LoRA update merged in, from the LoRA model's full
+    state dict (gathered from all ranks under ZeRO-3, so the modules themselves may hold only
+    shards): W + scaling * B @ A per adapted layer, the trained copy of each module to save,
+    and the base model's key names."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import transpose
+
+    merged = dict(state_dict)
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        key = f"{name}.base_layer.weight"
+        for adapter in layer.active_adapters:
+            a = merged.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = merged.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta = transpose(b @ a, layer.fan_in_fan_out) * layer.scaling[adapter]
+            merged[key] = (merged[key].float() + delta).to(merged[key].dtype)
+    out = {}
+    prefix = "base_model.model."
+    for key, value in merged.items():
+        if ".original_module." in key:  # the frozen copy of a module trained in full
+            continue
+        key = key.removeprefix(prefix).replace(".base_layer.", ".")
+        for adapter in peft_model.peft_config:
+            key = key.replace(f".modules_to_save.{adapter}.", ".")
+        out[key] = value
+    return out
+
+
+def save_final(model, state_dict: dict, final_dir, tokenizer) -> None:
+    """``final/``: a plain model that ``pipeline`` loads (LoRA merged in); with LoRA also
+    ``final/adapter/``, the adapter alone, which ``PeftModel.from_pretrained`` puts on the base."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if is_peft_model(model):
+        model.save_pretrained(Path(final_dir) / "adapter", state_dict=state_dict, save_embedding_layers=False)
+        model.get_base_model().save_pretrained(final_dir, state_dict=merged_state_dict(model, state_dict),
+                                               safe_serialization=True)
+    else:
+        model.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
 
 
 def example_losses(logits, labels, weight, task: str):

@@ -33,8 +33,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name in skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # an empty group (LoRA on a model whose head has no bias) is left out: DeepSpeed's ZeRO
+    # optimizers drop it, and the scheduler would then hold one learning rate too many
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     if cfg.optim == "adamw_torch_fused":
         # The fused kernel made the optimizer step 3x faster on a 2-core CPU (100 -> 33 ms for
