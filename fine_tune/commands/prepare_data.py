@@ -15,6 +15,9 @@
   ``data/ner``: each sentence (its words joined by spaces) labelled with the set of entity
   types it mentions (``labels``, a list, empty for a sentence without entities), the same
   splits.
+* ``data/strongly_negative/{train,validation,test}.jsonl``: an imbalanced binary task derived
+  from ``data/sentiment``: ``strongly negative`` where the mean human rating is at most -2.5
+  (5% of the sentences), else ``other``; the same splits.
 
 Results are cached: a second call returns at once.
 """
@@ -141,6 +144,18 @@ def build_entity_types(ner_splits: dict) -> dict:
     return {split: [row(s) for s in sentences] for split, sentences in ner_splits.items()}
 
 
+STRONGLY_NEGATIVE = -2.5  # mean rating on -4..+4 at or below which a sentence is "strongly negative"
+
+
+def build_strongly_negative(sentiment_splits: dict) -> dict:
+    """A rare class against the rest: the sentences rated strongly negative."""
+    def row(r: dict) -> dict:
+        label = "strongly negative" if r["rating"] <= STRONGLY_NEGATIVE else "other"
+        return {"text": r["text"], "label": label, "rating": r["rating"]}
+
+    return {split: [row(r) for r in rows] for split, rows in sentiment_splits.items()}
+
+
 def write_splits(splits: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -184,6 +199,16 @@ def prepare_entity_types(data_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
+def prepare_strongly_negative(data_dir: Path, force: bool = False) -> Path:
+    out_dir = data_dir / "strongly_negative"
+    if _is_ready(out_dir) and not force:
+        return out_dir
+    src = prepare_sentiment(data_dir)
+    rows = {s: [json.loads(line) for line in open(src / f"{s}.jsonl", encoding="utf-8")] for s in SPLITS}
+    write_splits(build_strongly_negative(rows), out_dir)
+    return out_dir
+
+
 def _summary(out_dir: Path) -> str:
     counts = {s: sum(1 for _ in open(out_dir / f"{s}.jsonl", encoding="utf-8")) for s in SPLITS}
     return f"{out_dir}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
@@ -192,7 +217,7 @@ def _summary(out_dir: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
-    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types"], help="prepare only this data set")
+    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative"], help="prepare only this data set")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser
 
@@ -206,6 +231,8 @@ def main(argv=None) -> None:
         print(_summary(prepare_ner(data_dir, args.force)))
     if args.only in (None, "entity_types"):
         print(_summary(prepare_entity_types(data_dir, args.force)))
+    if args.only in (None, "strongly_negative"):
+        print(_summary(prepare_strongly_negative(data_dir, args.force)))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class TrainConfig:
     class_weights: Optional[str] = _opt(
         None, "weigh the loss per class against imbalance: 'balanced' (inversely proportional to the class "
         "frequency in the training split, scikit-learn's meaning), a comma list in label order, or a JSON "
-        "mapping of label name to weight (unlisted labels 1); multi-label: the pos_weight of each label",
+        "mapping of label name to weight (unlisted labels 1), or none; multi-label: the pos_weight of each label",
         group="model")
     label_smoothing_factor: float = _opt(
         0.0, "label smoothing of the training loss (text and token classification); the eval loss is "
@@ -296,6 +296,8 @@ class TrainConfig:
             raise ConfigError(f"--multilabel_threshold {self.multilabel_threshold} is not allowed: must be in (0, 1)")
         if not self.label_separator:
             raise ConfigError("--label_separator must not be empty")
+        if isinstance(self.class_weights, str) and self.class_weights.strip().lower() == "none":
+            self.class_weights = None  # lets a flag switch off a recipe's weights
         if self.class_weights is not None:
             if self.task not in classes:
                 raise ConfigError(f"--class_weights applies to {' and '.join(classes)}, not to --task {self.task}")
