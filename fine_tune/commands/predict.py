@@ -23,10 +23,10 @@ from fine_tune.core.errors import UserError
 
 
 def detect_task(config) -> str:
+    if config.problem_type == "multi_label_classification":  # before num_labels: one label is possible
+        return "multi-label-classification"
     if config.problem_type == "regression" or config.num_labels == 1:
         return "regression"
-    if config.problem_type == "multi_label_classification":
-        return "multi-label-classification"
     if any(a.endswith("ForTokenClassification") for a in (config.architectures or [])):
         return "token-classification"
     return "text-classification"
