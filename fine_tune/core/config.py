@@ -288,7 +288,8 @@ class TrainConfig:
     def _validate_labels(self) -> None:
         classes = ("text-classification", "multi-label-classification")
         if not 0 <= self.label_smoothing_factor < 1:
-            raise ConfigError(f"--label_smoothing_factor {self.label_smoothing_factor} is not allowed: must be in [0, 1)")
+            raise ConfigError(f"--label_smoothing_factor {self.label_smoothing_factor} is not allowed: "
+                              "must be in [0, 1)")
         if self.label_smoothing_factor and self.task not in ("text-classification", "token-classification"):
             raise ConfigError(f"--label_smoothing_factor applies to text-classification and token-classification, "
                               f"not to --task {self.task}")
