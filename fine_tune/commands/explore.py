@@ -13,6 +13,11 @@ way training does. Prints:
   minority count in train) and the majority-class baseline (always predicting train's most
   frequent label) that a model has to beat; regression: label statistics and the MSE of
   predicting train's mean; token classification: tag and entity counts, words per sentence;
+  multi-label: examples per label, label-set sizes, and the all-negative and most-frequent-set
+  baselines;
+* when the training split is imbalanced (majority/minority count >= 3, or for multi-label a
+  label on fewer than a quarter of the examples), a recommendation of ``--class_weights
+  balanced`` with the weights it would use;
 * token lengths under the tokenizer, special tokens included (min, median, mean, p90, p95,
   p99, max; percentiles interpolate linearly, as numpy's default), the share of examples
   that ``--max_length`` truncates, and a recommended ``--max_length``: the train p99
@@ -43,7 +48,9 @@ DATA_OPTIONS = (
     "model_name_or_path", "tokenizer_name", "task", "dataset_name", "dataset_config_name", "train_file",
     "validation_file", "test_file", "text_column", "text_pair_column", "label_column", "tokens_column",
     "tags_column", "validation_split_percentage", "max_train_samples", "max_eval_samples", "max_length", "seed",
+    "label_separator",
 )
+IMBALANCE_RATIO = 3.0  # majority/minority at which explore recommends --class_weights balanced
 PERCENTILES = (90, 95, 99)
 EXAMPLE_CHARS = 110  # text shown per example in the terminal (JSON keeps the whole text)
 LABEL_PLOT = "label_distribution.png"
@@ -239,6 +246,8 @@ def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
     # ---- labels
     if cfg.task == "text-classification":
         facts["labels"] = _classification_labels(splits, cfg, labels.names, ref, examples)
+    elif cfg.task == "multi-label-classification":
+        facts["labels"] = _label_set_labels(splits, cfg, labels.names, ref, examples)
     elif cfg.task == "regression":
         facts["labels"] = _regression_labels(splits, cfg, ref, examples)
     else:
@@ -307,9 +316,65 @@ def _classification_labels(splits, cfg, names, ref, n_examples) -> dict:
         "missing_in_reference": [label for label in names if train_counts[label] == 0],
         # always predicting train's majority label scores its share of each split
         "majority_baseline_accuracy": {k: _shares(v)[majority] for k, v in counts.items()},
+        "class_weights": _class_weight_advice(train_counts, names, ratio),
         "examples": _examples_by_label(splits[ref], _text_of(cfg),
                                        lambda row: _display_label(row[cfg.label_column], names), names, n_examples),
     }
+
+
+def _label_set_labels(splits, cfg, names, ref, n_examples) -> dict:
+    """Multi-label: examples per label, label-set sizes and the two baselines a model must beat."""
+    from fine_tune.core import data as D
+    from fine_tune.core.metrics import multilabel_metrics
+
+    sets = {split: D.label_sets(ds, cfg, split) for split, ds in splits.items()}
+    counts = {split: {n: sum(n in s for s in rows) for n in names} for split, rows in sets.items()}
+    sizes = {split: dict(sorted(Counter(len(s) for s in rows).items())) for split, rows in sets.items()}
+    top_set, _ = Counter(tuple(sorted(s, key=names.index)) for s in sets[ref]).most_common(1)[0]
+
+    def baseline(predicted: tuple) -> dict:
+        out = {}
+        for split, rows in sets.items():
+            gold = [[n in s for n in names] for s in rows]
+            m = multilabel_metrics([[n in predicted for n in names]] * len(rows), gold, names, 0.5)
+            out[split] = {k: m[k] for k in ("accuracy", "hamming_loss", "f1_micro", "f1_macro")}
+        return out
+
+    n_ref = len(sets[ref])
+    weights = D.balanced_class_weights([max(c, 1) for c in counts[ref].values()], n_ref, True, names)
+    rarest = min(names, key=lambda n: (counts[ref][n], names.index(n)))
+    examples = {n: [] for n in names}
+    text_of = _text_of(cfg)
+    for i, labels in enumerate(sets[ref]):
+        for n in labels:
+            if len(examples[n]) < n_examples:
+                examples[n].append(text_of(splits[ref][i]))
+    return {
+        "kind": "label_sets", "names": names, "counts": counts,
+        "shares": {k: {n: c / max(len(sets[k]), 1) for n, c in v.items()} for k, v in counts.items()},
+        "set_sizes": sizes, "mean_labels_per_example": {k: sum(len(s) for s in v) / max(len(v), 1)
+                                                         for k, v in sets.items()},
+        "all_negative_baseline": baseline(()), "most_frequent_set": list(top_set),
+        "most_frequent_set_baseline": baseline(top_set),
+        "rarest_label": rarest,
+        "class_weights": {
+            "recommended": counts[ref][rarest] < n_ref / 4,
+            "why": f"'{rarest}' is on {counts[ref][rarest]} of {n_ref} {ref} examples",
+            "balanced": dict(zip(names, weights)),
+        },
+        "examples": {n: t for n, t in examples.items() if t} if n_examples > 0 else {},
+    }
+
+
+def _class_weight_advice(train_counts: dict, names: list[str], ratio) -> dict:
+    """--class_weights balanced for single-label data: recommended when majority/minority >= 3."""
+    from fine_tune.core.data import balanced_class_weights
+
+    present = [n for n in names if train_counts[n]]
+    weights = balanced_class_weights([train_counts[n] for n in present], sum(train_counts.values()), False, present)
+    return {"recommended": ratio is not None and ratio >= IMBALANCE_RATIO,
+            "why": f"majority/minority {ratio:.2f}" if ratio is not None else "a label never occurs",
+            "balanced": dict(zip(present, weights))}
 
 
 def _regression_labels(splits, cfg, ref, n_examples) -> dict:
@@ -498,6 +563,12 @@ def _num(value) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
+def _render_advice(advice: dict) -> str:
+    weights = ", ".join(f"{k} {v:.3g}" for k, v in advice["balanced"].items())
+    return (f"imbalanced ({advice['why']}): consider --class_weights balanced, which would weigh the loss by "
+            f"{weights}\n")
+
+
 def render(facts: dict) -> str:
     out = []
     splits = facts["splits"]
@@ -523,6 +594,8 @@ def render(facts: dict) -> str:
         base = ", ".join(f"{v:.4f} on {k}" for k, v in labels["majority_baseline_accuracy"].items())
         unit = "token accuracy" if labels["kind"] == "tags" else "accuracy"
         out.append(f"majority-class baseline (always '{labels['majority_label']}'): {unit} {base}\n")
+        if labels.get("class_weights", {}).get("recommended"):
+            out.append(_render_advice(labels["class_weights"]))
         if labels["kind"] == "tags":
             ent_names = list(dict.fromkeys(k for s in names for k in labels["entities"][s]))
             if ent_names:
@@ -536,6 +609,26 @@ def render(facts: dict) -> str:
                                     numeric=[False] + [True] * len(names)))
             out.append("sentences without entities: "
                        + ", ".join(f"{_pct(v)} of {k}" for k, v in labels["sentences_without_entities"].items()) + "\n")
+    elif labels["kind"] == "label_sets":
+        out.append(f"Labels: {len(labels['names'])} (an example may carry several; counts are examples)")
+        rows = [[label] + [f"{labels['counts'][s][label]} ({_pct(labels['shares'][s][label])})" for s in names]
+                for label in labels["names"]]
+        out.append(format_table(["label"] + names, rows, numeric=[False] + [True] * len(names)))
+        sizes = sorted({k for s in names for k in labels["set_sizes"][s]})
+        out.append("Labels per example")
+        rows = [[str(k)] + [labels["set_sizes"][s].get(k, 0) for s in names] for k in sizes]
+        rows.append(["mean"] + [f"{labels['mean_labels_per_example'][s]:.3f}" for s in names])
+        out.append(format_table(["labels"] + names, rows, numeric=[False] + [True] * len(names)))
+        top = labels["most_frequent_set"]
+        for title, key in (("all-negative baseline (no label ever)", "all_negative_baseline"),
+                           (f"most-frequent-set baseline (always {{{', '.join(top)}}})", "most_frequent_set_baseline")):
+            b = labels[key]
+            out.append(f"{title}: " + "; ".join(
+                f"{s}: subset accuracy {b[s]['accuracy']:.4f}, Hamming loss {b[s]['hamming_loss']:.4f}, "
+                f"micro F1 {b[s]['f1_micro']:.4f}" for s in names))
+        out.append("")
+        if labels["class_weights"]["recommended"]:
+            out.append(_render_advice(labels["class_weights"]))
     else:
         out.append("Label values")
         st = labels["stats"]
@@ -558,7 +651,7 @@ def render(facts: dict) -> str:
                f"(covers the {ref} p99 of {fmt_value(tl['splits'][ref]['p99'])} tokens, a multiple of 8{limit}); "
                f"now {tl['max_length']}\n")
 
-    if labels["kind"] == "classes" and labels["examples"]:
+    if labels["kind"] in ("classes", "label_sets") and labels["examples"]:
         n = max(len(v) for v in labels["examples"].values())
         out.append(f"Examples ({ref}, first {n} of each label)")
         rows = [[label, _short(t)] for label, texts in labels["examples"].items() for t in texts]

@@ -5,8 +5,10 @@
     python -m fine_tune.predict --model runs/ner/final --text "Pizza at Joe's in Brooklyn"
 
 A file with a label column is scored (metrics and a confusion matrix); a file without one is
-labelled (``--output preds.jsonl``, else printed). The task (text classification, token
-classification or regression) is read from the model's config.
+labelled (``--output preds.jsonl``, else printed). The task (text classification, multi-label
+classification, token classification or regression) is read from the model's config. A
+multi-label model prints each text's label set with the scores (sigmoid, one per label;
+``--multilabel_threshold`` picks the labels).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from fine_tune.core.errors import UserError
 
 
 def detect_task(config) -> str:
+    if config.problem_type == "multi_label_classification":  # before num_labels: one label is possible
+        return "multi-label-classification"
     if config.problem_type == "regression" or config.num_labels == 1:
         return "regression"
     if any(a.endswith("ForTokenClassification") for a in (config.architectures or [])):
@@ -67,10 +71,18 @@ def predict_batches(texts: list, tokenizer, model, task: str, batch_size: int = 
                             pred.append(int(logits[row, pos].argmax()))
                     pred += [0] * (len(texts[i]) - len(pred))  # words cut by truncation
                     out[i] = pred
+                elif task == "multi-label-classification":
+                    out[i] = logits[row].sigmoid().tolist()  # one independent score per label
                 else:
                     probs = logits[row].softmax(-1)
                     out[i] = (int(probs.argmax()), float(probs.max()))
     return out
+
+
+def label_set(scores: list[float], id2label: dict, threshold: float) -> dict:
+    """The labels whose score reaches the threshold, best first, with their scores."""
+    chosen = sorted((i for i, v in enumerate(scores) if v >= threshold), key=lambda i: -scores[i])
+    return {id2label[i]: round(scores[i], 4) for i in chosen}
 
 
 def entities(words: list[str], tags: list[str]) -> list[dict]:
@@ -98,12 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write predictions here (jsonl)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--multilabel_threshold", type=float, default=0.5,
+                   help="multi-label: predict a label when its score is at least this (default: 0.5)")
+    p.add_argument("--label_separator", default=",", help="multi-label: separator of label names in a CSV cell")
     return p
 
 
 @main_guard
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if not 0 < args.multilabel_threshold < 1:
+        raise UserError(f"--multilabel_threshold {args.multilabel_threshold} is not allowed: must be in (0, 1)")
     if not args.file and not args.text:
         raise UserError("give --file PATH or --text 'some text'")
     tokenizer, model, task = load(args.model)
@@ -122,6 +139,12 @@ def main(argv=None) -> dict:
                     print(f"  {ent['type']}: {ent['text']}")
                 if not found:
                     print("  (no entities)")
+            elif task == "multi-label-classification":
+                chosen = label_set(pred, id2label, args.multilabel_threshold)
+                best = max(range(len(pred)), key=lambda i: pred[i])
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items()) or \
+                    f"(none; highest {id2label[best]} {pred[best]:.3f})"
+                print(f"{shown}\t{text}")
             else:
                 print(f"{id2label[pred[0]]}\t{pred[1]:.3f}\t{text}")
         return {}
@@ -135,7 +158,7 @@ def main(argv=None) -> dict:
     gold_column = args.tags_column if task == "token-classification" else args.label_column
     result = {}
     if gold_column in ds.column_names:
-        result = score(preds, ds[gold_column], task, id2label)
+        result = score(preds, gold_labels(ds, args, task), task, id2label, args.multilabel_threshold)
     if args.output or not result:
         rows = []
         for i, pred in enumerate(preds):
@@ -144,6 +167,9 @@ def main(argv=None) -> dict:
             elif task == "token-classification":
                 tags = [id2label[t] for t in pred]
                 rows.append({"tags": tags, "entities": entities(inputs[i], tags)})
+            elif task == "multi-label-classification":
+                chosen = label_set(pred, id2label, args.multilabel_threshold)
+                rows.append({"labels": list(chosen), "scores": {id2label[j]: round(v, 4) for j, v in enumerate(pred)}})
             else:
                 rows.append({"label": id2label[pred[0]], "score": pred[1]})
         text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -155,7 +181,19 @@ def main(argv=None) -> dict:
     return result
 
 
-def score(preds, gold, task: str, id2label: dict) -> dict:
+def gold_labels(ds, args, task: str) -> list:
+    """The file's labels; multi-label: lists of names (CSV cells split at --label_separator)."""
+    if task != "multi-label-classification":
+        return ds[args.tags_column if task == "token-classification" else args.label_column]
+    from types import SimpleNamespace
+
+    from fine_tune.core.data import label_sets
+
+    cfg = SimpleNamespace(label_column=args.label_column, label_separator=args.label_separator)
+    return label_sets(ds, cfg, "--file", source=args.file)
+
+
+def score(preds, gold, task: str, id2label: dict, threshold: float = 0.5) -> dict:
     import numpy as np
 
     from fine_tune.core import metrics as M
@@ -166,6 +204,13 @@ def score(preds, gold, task: str, id2label: dict) -> dict:
     elif task == "token-classification":
         true = [[t if isinstance(t, str) else id2label[int(t)] for t in row] for row in gold]
         result = M.entity_metrics([[id2label[t] for t in p][:len(g)] for p, g in zip(preds, true)], true)
+    elif task == "multi-label-classification":
+        names = [id2label[i] for i in range(len(id2label))]
+        unknown = next((n for row in gold for n in row if n not in label2id), None)
+        if unknown is not None:
+            raise UserError(f"label {unknown!r} is not one of the model's labels: {', '.join(names)}")
+        y = np.array([[n in row for n in names] for row in gold], dtype=int)
+        result = M.multilabel_metrics(np.array(preds), y, names, threshold)
     else:
         try:
             y = np.array([label2id[g] if isinstance(g, str) else int(g) for g in gold])

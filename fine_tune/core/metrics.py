@@ -25,6 +25,23 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: in
     return out
 
 
+def multilabel_metrics(scores: np.ndarray, labels: np.ndarray, names: list[str], threshold: float) -> dict:
+    """Multi-label metrics at ``threshold`` on the sigmoid scores (examples x labels): micro and
+    macro precision/recall/F1, subset accuracy (the whole label set right), Hamming loss (the
+    share of wrong (example, label) decisions) and each label's F1 (``f1_<name>``)."""
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+
+    preds = (np.asarray(scores) >= threshold).astype(int)
+    gold = np.asarray(labels).astype(int)
+    out = {"accuracy": float(accuracy_score(gold, preds)), "hamming_loss": float(hamming_loss(gold, preds))}
+    for avg in ("micro", "macro"):
+        p, r, f, _ = precision_recall_fscore_support(gold, preds, average=avg, zero_division=0)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
+    per_label = f1_score(gold, preds, average=None, zero_division=0)
+    out.update({f"f1_{name}": float(v) for name, v in zip(names, per_label)})
+    return out
+
+
 def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict:
     from scipy.stats import pearsonr, spearmanr
 

@@ -106,6 +106,8 @@ def load_model(cfg, labels, tokenizer=None):
         config.id2label, config.label2id = labels.id2label, labels.label2id
         if cfg.task == "text-classification":
             config.problem_type = "single_label_classification"
+        elif cfg.task == "multi-label-classification":  # pipeline() then applies a sigmoid per label
+            config.problem_type = "multi_label_classification"
     if tokenizer is not None and config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     cls = AutoModelForTokenClassification if cfg.task == "token-classification" else AutoModelForSequenceClassification
@@ -279,20 +281,31 @@ def save_final(model, state_dict: dict, final_dir, tokenizer) -> None:
     tokenizer.save_pretrained(final_dir)
 
 
-def example_losses(logits, labels, weight, task: str):
-    """Per-example loss *sums* (over labelled tokens for token classification), times the
-    example's weight (0 for the sampler's stand-ins).
+def example_losses(logits, labels, weight, task: str, class_weights=None, label_smoothing: float = 0.0):
+    """Per-example loss *sums* (over labelled tokens for token classification, over labels for
+    multi-label), times the example's weight (0 for the sampler's stand-ins).
 
-    The loop sums these and divides by the number of loss units of the whole optimizer
-    step, over all micro-batches and ranks, so that accumulation and data parallelism give
-    the gradient of one big batch. Units are examples, or labelled tokens for NER.
+    The loop sums these and divides by the loss units of the whole optimizer step, over all
+    micro-batches and ranks (the data's ``n_units``), so that accumulation and data parallelism
+    give the gradient of one big batch: examples; labelled tokens for NER; (example, label)
+    pairs for multi-label; with ``class_weights`` for single-label, the weights of the
+    examples' classes. Each is then exactly torch's own mean-reduced loss over the step:
+    ``CrossEntropyLoss(weight=class_weights, label_smoothing=...)`` or
+    ``BCEWithLogitsLoss(pos_weight=class_weights)``. Evaluation calls this without class
+    weights and smoothing.
     """
     import torch.nn.functional as F
 
     logits = logits.float()
     if task == "regression":
         return (logits.squeeze(-1) - labels.float()) ** 2 * weight
+    if task == "multi-label-classification":
+        per_pair = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=class_weights,
+                                                      reduction="none")
+        return per_pair.sum(-1) * weight
     if task == "token-classification":
-        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
+        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100,
+                                    label_smoothing=label_smoothing)
         return per_token.view(labels.shape).sum(-1) * weight
-    return F.cross_entropy(logits, labels, reduction="none") * weight
+    return F.cross_entropy(logits, labels, weight=class_weights, reduction="none",
+                           label_smoothing=label_smoothing) * weight
