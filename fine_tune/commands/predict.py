@@ -65,19 +65,31 @@ def predict_batches(texts: list, tokenizer, model, task: str, batch_size: int = 
                         if wid is not None and wid not in seen:
                             seen.add(wid)
                             pred.append(int(logits[row, pos].argmax()))
-                    pred += [0] * (len(texts[i]) - len(pred))  # words cut by truncation
-                    out[i] = pred
+                    # words cut off by truncation have no prediction: None, never a label id
+                    # (id 0 can be an entity tag), and they are reported as not scored
+                    out[i] = pred + [None] * (len(texts[i]) - len(pred))
                 else:
                     probs = logits[row].softmax(-1)
                     out[i] = (int(probs.argmax()), float(probs.max()))
     return out
 
 
-def entities(words: list[str], tags: list[str]) -> list[dict]:
+def entities(words: list[str], tags: list) -> list[dict]:
+    """The entities of the predicted tags (None, a word not scored, ends an entity)."""
     from fine_tune.core.metrics import extract_entities
 
+    tags = ["O" if t is None else t for t in tags]
     return [{"type": t, "text": " ".join(words[s:e]), "start_word": s, "end_word": e}
             for t, s, e in sorted(extract_entities(tags), key=lambda x: x[1])]
+
+
+def tag_names(pred: list, id2label: dict) -> list:
+    return [None if t is None else id2label[t] for t in pred]
+
+
+def unscored(pred: list) -> int:
+    """Words past --max_length: not seen by the model, so not scored."""
+    return sum(t is None for t in pred)
 
 
 def read_file(path: str):
@@ -116,12 +128,14 @@ def main(argv=None) -> dict:
             if task == "regression":
                 print(f"{pred:.3f}\t{text}")
             elif task == "token-classification":
-                found = entities(text.split(), [id2label[t] for t in pred])
+                found = entities(text.split(), tag_names(pred, id2label))
                 print(text)
                 for ent in found:
                     print(f"  {ent['type']}: {ent['text']}")
                 if not found:
                     print("  (no entities)")
+                if unscored(pred):
+                    print(f"  ({unscored(pred)} words past --max_length {args.max_length} not scored)")
             else:
                 print(f"{id2label[pred[0]]}\t{pred[1]:.3f}\t{text}")
         return {}
@@ -142,8 +156,8 @@ def main(argv=None) -> dict:
             if task == "regression":
                 rows.append({"prediction": pred})
             elif task == "token-classification":
-                tags = [id2label[t] for t in pred]
-                rows.append({"tags": tags, "entities": entities(inputs[i], tags)})
+                tags = tag_names(pred, id2label)  # null: a word past --max_length, not scored
+                rows.append({"tags": tags, "entities": entities(inputs[i], tags), "unscored_words": unscored(pred)})
             else:
                 rows.append({"label": id2label[pred[0]], "score": pred[1]})
         text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -165,7 +179,13 @@ def score(preds, gold, task: str, id2label: dict) -> dict:
         result = M.regression_metrics(np.array(preds), np.array(gold, dtype=float))
     elif task == "token-classification":
         true = [[t if isinstance(t, str) else id2label[int(t)] for t in row] for row in gold]
-        result = M.entity_metrics([[id2label[t] for t in p][:len(g)] for p, g in zip(preds, true)], true)
+        # only the words the model saw are scored; the others are counted and reported
+        scored = [len(p) - unscored(p) for p in preds]
+        result = M.entity_metrics([tag_names(p[:n], id2label) for p, n in zip(preds, scored)],
+                                  [g[:n] for g, n in zip(true, scored)])
+        result["unscored_words"] = sum(unscored(p) for p in preds)
+        if result["unscored_words"]:
+            print(f"{result['unscored_words']} words past --max_length were not scored (truncated)", file=sys.stderr)
     else:
         try:
             y = np.array([label2id[g] if isinstance(g, str) else int(g) for g in gold])
