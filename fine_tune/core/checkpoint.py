@@ -42,6 +42,7 @@ class TrainState:
     world_size: int = 1
     tracker_ids: dict = field(default_factory=dict)  # e.g. {"wandb": run id}
     data_fingerprint: Optional[str] = None  # data.data_fingerprint: resuming on other data is refused
+    pending_eval: bool = False  # a stop signal interrupted this step's evaluation: redo it on resume
 
     # accelerate's register_for_checkpointing protocol
     def state_dict(self) -> dict:

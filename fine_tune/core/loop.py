@@ -54,7 +54,9 @@ def _env_true(name: str) -> bool:
 def make_accelerator(cfg: TrainConfig):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
+
+    from fine_tune.core.ranks import process_group_kwargs
 
     use_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
     has_gpu = torch.cuda.is_available()
@@ -67,10 +69,9 @@ def make_accelerator(cfg: TrainConfig):
                         "on CPU use accelerate_configs/cpu_ddp.yaml or a DeepSpeed ZeRO config")
     if cfg.mixed_precision == "fp16" and not has_gpu:
         raise UserError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no)")
-    handlers = []
-    if not has_gpu and world > 1:
-        # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
+    # --ddp_timeout bounds every collective: a process that died or hangs ends the run.
+    handlers = [process_group_kwargs(cfg, backend="gloo" if not has_gpu and world > 1 else None)]
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -147,31 +148,24 @@ def device_peak_flops(cfg: TrainConfig):
     return None
 
 
-class StopSignal:
-    """Remember a stop request (TERM, INT, USR1, USR2); acted on at the next step boundary.
-    A second SIGINT (Ctrl-C twice) exits at once."""
+class EvaluationInterrupted(Exception):
+    """A stop signal arrived during an evaluation: it is abandoned (and redone on resume)."""
 
-    def __init__(self):
-        import signal
 
-        self.signum = None
-        self._interrupts = 0
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
+def stop_requested_anywhere(stop, accelerator) -> bool:
+    """Whether any process got a stop signal (all-reduced, so all processes answer alike)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    import torch
 
-    def _handle(self, signum, frame):
-        import signal
-
-        if signum == signal.SIGINT:
-            self._interrupts += 1
-            if self._interrupts > 1:
-                os._exit(130)
-        self.signum = signum
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")[0]) > 0
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=()) -> dict:
-    """Loss and metrics over the whole loader, each example counted once on any world size."""
+def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=(), stop=None) -> dict:
+    """Loss and metrics over the whole loader, each example counted once on any world size.
+    With ``stop``, a stop signal on any process ends it (EvaluationInterrupted) at the next batch."""
     import numpy as np
     import torch
 
@@ -183,6 +177,9 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
     no_grad = torch.no_grad() if accelerator.state.deepspeed_plugin else torch.inference_mode()
     with no_grad:
         for batch in loader:
+            if stop is not None and stop_requested_anywhere(stop, accelerator):
+                model.train()
+                raise EvaluationInterrupted
             weight, target = batch.pop("weight"), batch.pop("labels")
             logits = model(**batch).logits
             # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
@@ -213,7 +210,7 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
         names = labels.names
         pred_tags = [[names[p] for p, g in zip(pr, gr) if g != -100] for pr, gr in zip(p_all, g_all)]
         true_tags = [[names[g] for g in gr if g != -100] for gr in g_all]
-        result.update(M.entity_metrics(pred_tags, true_tags))
+        result.update(M.entity_metrics(pred_tags, true_tags, names))
         flat_p, flat_g = [], []
         for pr, gr in zip(p_all, g_all):
             mask = gr != -100
@@ -243,8 +240,10 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: TrainConfig):
+        from fine_tune.core.signals import install_stop_handlers
+
         self.cfg = cfg
-        self.stop = StopSignal()
+        self.stop = install_stop_handlers()  # the entry point installed them already: the same object
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
 
     # ---------------------------------------------------------------- setup
@@ -255,8 +254,9 @@ class TrainingRun:
         from accelerate.utils import set_seed
 
         from fine_tune.core import checkpoint, data
-        from fine_tune.core.metrics import load_extra_metric
-        from fine_tune.core.model import load_model, load_tokenizer
+        from fine_tune.core.metrics import extra_metric_names, load_extra_metric
+        from fine_tune.core.model import check_model_options, load_model, load_tokenizer
+        from fine_tune.core.ranks import injected_data_fault, raise_if_any_failed
         from fine_tune.core.optim import build_optimizer, build_scheduler
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
@@ -267,6 +267,7 @@ class TrainingRun:
         if resume_path is not None:
             checkpoint.check_compatible(resume_path, cfg, world)
         check_output_dir(cfg, resuming=resume_path is not None)
+        check_model_options(cfg)
         set_seed(cfg.seed)
         self.extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
 
@@ -274,15 +275,17 @@ class TrainingRun:
         error = None
         with accelerator.main_process_first():  # tokenize once; the others read the cache
             try:
+                injected_data_fault()
                 splits = data.load_raw_splits(cfg)
                 if "train" not in splits:
                     raise UserError("no training data: give --train_file or a --dataset_name with a train split")
                 self.labels = data.infer_labels(splits, cfg)
                 tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
-            except UserError as e:  # leave the block so the other ranks are not stuck at its barrier
+            except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
                 error = e
-        if error is not None:
-            raise error
+        # every process learns whether any failed: all end now, each showing the failing one's error
+        raise_if_any_failed(accelerator, error, "while loading the data")
+        cfg.check_metric_for_best_model(self.labels.names, extra_metric_names(self.extra_metrics, cfg.task))
         self.train_ds = train_ds = tokenized["train"]
         if len(train_ds) < world:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
@@ -316,6 +319,7 @@ class TrainingRun:
             checkpoint.load_checkpoint(accelerator, resume_path)
             accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
                               f"(epoch {state.epoch}, step {state.step_in_epoch} of {self.steps_per_epoch})")
+        state.data_fingerprint = data.data_fingerprint(cfg)  # what the checkpoints of this run were trained on
         # every input (data, model, checkpoint) is checked by now: only from here on is the output
         # directory written, so a failed start never damages an earlier run
         if accelerator.is_main_process:
@@ -358,6 +362,11 @@ class TrainingRun:
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process or cfg.disable_tqdm)
         stop_reason = None
+        if state.pending_eval:  # a stop signal interrupted this step's evaluation: it comes first
+            state.pending_eval = False
+            self.evaluate()
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                stop_reason = "early stopping"
         while state.global_step < self.total_steps and stop_reason is None:
             for step in self.train_loader.iterate(state.epoch, state.step_in_epoch):
                 micro_batches = step.micro_batches
@@ -386,7 +395,12 @@ class TrainingRun:
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    self.evaluate()
+                    try:
+                        self.evaluate()
+                    except EvaluationInterrupted:
+                        accelerator.print(f"evaluation of step {state.global_step} interrupted by the stop "
+                                          "request; it runs first on resume")
+                        state.pending_eval, stop_votes = True, 1
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -476,7 +490,7 @@ class TrainingRun:
 
         cfg, state = self.cfg, self.state
         result = evaluate(self.model, self.eval_loaders["validation"], self.accelerator, cfg, self.labels,
-                          self.extra_metrics)
+                          self.extra_metrics, self.stop)
         result = {f"eval_{k}": v for k, v in result.items()}
         self.log_event(result)
         value = result.get(cfg.best_metric)
@@ -512,7 +526,7 @@ class TrainingRun:
             results.update(self.evals.get(state.global_step) or self.evaluate())
         if "test" in self.eval_loaders:
             test = {f"test_{k}": v for k, v in evaluate(self.model, self.eval_loaders["test"], accelerator, cfg,
-                                                       self.labels, self.extra_metrics).items()}
+                                                       self.labels, self.extra_metrics, self.stop).items()}
             self.log_event(test)
             results.update(test)
         final_dir = Path(cfg.output_dir) / "final"
@@ -538,7 +552,14 @@ def run(cfg: TrainConfig) -> dict:
     training = TrainingRun(cfg)
     training.setup()
     stop_reason = training.train()
-    results = training.finish() if stop_reason != "signal" else None
+    results = None
+    if stop_reason != "signal":
+        try:
+            results = training.finish()
+        except EvaluationInterrupted:  # the final evaluations: checkpoint, and they run on resume
+            training.accelerator.print("final evaluation interrupted by the stop request")
+            training.save_checkpoint()
+            stop_reason = "signal"
     if stop_reason == "signal":
         from fine_tune.core.checkpoint import latest_checkpoint
 

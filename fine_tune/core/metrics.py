@@ -135,6 +135,21 @@ def load_extra_metric(name: str):
                         "metric script path; accuracy, precision, recall and F1 are built in") from None
 
 
+def extra_metric_names(metrics, task: str) -> list[str]:
+    """The names the extra --metric metrics add to an evaluation (as the loop names them),
+    learnt by scoring two predictions: a metric that cannot score this task fails here, before work."""
+    names = []
+    for metric in metrics:
+        try:
+            computed = metric.compute(predictions=[0, 1], references=[0, 1])
+        except Exception as e:  # noqa: BLE001 - the metric's own checks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--metric {metric.name}: it cannot score {task} predictions ({first})") from None
+        names += [f"{metric.name}_{k}" if k in TASK_METRICS[task] else k for k, v in (computed or {}).items()
+                  if isinstance(v, (int, float))]
+    return names
+
+
 def confusion(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> str:
     """A confusion matrix as an aligned text table (rows: true label, columns: predicted)."""
     from sklearn.metrics import confusion_matrix
