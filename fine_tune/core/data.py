@@ -235,7 +235,11 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
         if all(isinstance(v, str) for v in seen):
             names = sorted(seen)
         elif all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in seen):
-            names = [str(i) for i in sorted({int(v) for v in seen})]
+            ints = sorted({int(v) for v in seen})
+            if ints[0] < 0:  # -1 often marks "no label" (GLUE's test splits)
+                raise UserError(f"label {ints[0]} in column {column!r} is negative; integer labels are class "
+                                "numbers (0..N-1 or 1..N); drop unlabelled rows")
+            names = [str(i) for i in ints]
         else:
             raise UserError(f"column {column!r} mixes label types ({sorted({type(v).__name__ for v in seen})}); "
                             "use all strings or all integers")
