@@ -14,6 +14,7 @@ TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 if __name__ == "__main__":
     status = 1  # an exception that escapes train.py
     try:
+        sys.path.insert(0, str(TRAIN.parent))  # as `python train.py` would: this checkout's package
         sys.argv = [str(TRAIN), *sys.argv[1:]]
         runpy.run_path(str(TRAIN), run_name="__main__")
         status = 0
