@@ -256,8 +256,8 @@ class TrainingRun:
         from fine_tune.core import checkpoint, data
         from fine_tune.core.metrics import extra_metric_names, load_extra_metric
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer
-        from fine_tune.core.ranks import injected_data_fault, raise_if_any_failed
         from fine_tune.core.optim import build_optimizer, build_scheduler
+        from fine_tune.core.ranks import injected_data_fault, raise_if_any_failed
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
@@ -364,7 +364,9 @@ class TrainingRun:
         stop_reason = None
         if state.pending_eval:  # a stop signal interrupted this step's evaluation: it comes first
             state.pending_eval = False
-            self.evaluate()
+            if not self.evaluate_unless_stopped():
+                self.save_checkpoint()
+                return "signal"
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                 stop_reason = "early stopping"
         while state.global_step < self.total_steps and stop_reason is None:
@@ -395,12 +397,8 @@ class TrainingRun:
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    try:
-                        self.evaluate()
-                    except EvaluationInterrupted:
-                        accelerator.print(f"evaluation of step {state.global_step} interrupted by the stop "
-                                          "request; it runs first on resume")
-                        state.pending_eval, stop_votes = True, 1
+                    if not self.evaluate_unless_stopped():
+                        stop_votes = 1
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -510,6 +508,17 @@ class TrainingRun:
         self.accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
         self.evals[state.global_step] = result
         return result
+
+    def evaluate_unless_stopped(self) -> bool:
+        """Evaluate; False if a stop signal interrupted it (it then runs first on resume)."""
+        try:
+            self.evaluate()
+        except EvaluationInterrupted:
+            self.state.pending_eval = True
+            self.accelerator.print(f"evaluation of step {self.state.global_step} interrupted by the stop request; "
+                                   "it runs first on resume")
+            return False
+        return True
 
     # ---------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:
