@@ -136,17 +136,18 @@ def start_ranks(args: list[str], env: dict, world: int = 2) -> list[subprocess.P
 
 
 def test_a_silent_process_ends_the_run_after_ddp_timeout(tiny_model, data_files, tmp_path):
-    """No launcher watches ranks started directly: rank 1 stops answering while it loads the
-    data, and rank 0 gives up after --ddp_timeout with a message saying so."""
+    """No launcher watches ranks started directly: rank 0 stops answering while it loads the
+    data (rank 1 waits for it at a barrier), and rank 1 gives up after --ddp_timeout, saying so."""
     procs = start_ranks(train_args(tiny_model, data_files, tmp_path / "run", max_steps=4, ddp_timeout=5),
-                        {**ENV, DATA_FAULT_ENV: "1:hang"})
+                        {**ENV, DATA_FAULT_ENV: "0:hang"})
     try:
-        log = procs[0].communicate(timeout=240)[0]
-        assert procs[0].returncode == 2, log[-3000:]
-        assert "did not answer while loading the data within --ddp_timeout 5 s" in log, log[-3000:]
+        log = procs[1].communicate(timeout=240)[0]
+        assert procs[1].returncode == 2, log[-3000:]
+        assert "error: another process failed or did not answer while loading the data within --ddp_timeout 5 s" \
+            in log, log[-3000:]
     finally:
-        procs[1].kill()
-        procs[1].communicate()
+        procs[0].kill()
+        procs[0].communicate()
 
 
 def test_unknown_metric_for_best_model_fails_before_the_folder_is_touched(tiny_model, data_files, tmp_path):

@@ -257,7 +257,7 @@ class TrainingRun:
         from fine_tune.core.metrics import extra_metric_names, load_extra_metric
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer
         from fine_tune.core.optim import build_optimizer, build_scheduler
-        from fine_tune.core.ranks import injected_data_fault, raise_if_any_failed
+        from fine_tune.core.ranks import injected_data_fault, peer_lost, raise_if_any_failed
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
@@ -273,16 +273,19 @@ class TrainingRun:
 
         self.tokenizer = load_tokenizer(cfg)
         error = None
-        with accelerator.main_process_first():  # tokenize once; the others read the cache
-            try:
-                injected_data_fault()
-                splits = data.load_raw_splits(cfg)
-                if "train" not in splits:
-                    raise UserError("no training data: give --train_file or a --dataset_name with a train split")
-                self.labels = data.infer_labels(splits, cfg)
-                tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
-            except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
-                error = e
+        try:
+            with accelerator.main_process_first():  # tokenize once; the others read the cache
+                try:
+                    injected_data_fault()
+                    splits = data.load_raw_splits(cfg)
+                    if "train" not in splits:
+                        raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+                    self.labels = data.infer_labels(splits, cfg)
+                    tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
+                except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
+                    error = e
+        except Exception as e:  # noqa: BLE001 - its barrier: a process died, or did not come in time
+            raise (error or peer_lost(accelerator, e, "while loading the data")) from None
         # every process learns whether any failed: all end now, each showing the failing one's error
         raise_if_any_failed(accelerator, error, "while loading the data")
         cfg.check_metric_for_best_model(self.labels.names, extra_metric_names(self.extra_metrics, cfg.task))

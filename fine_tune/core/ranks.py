@@ -51,16 +51,19 @@ def raise_if_any_failed(accelerator, error: BaseException | None, stage: str) ->
         try:
             dist.all_gather_object(outcomes, None if error is None else one_line(error))
         except Exception as e:  # noqa: BLE001 - a process died, or did not come within the timeout
-            if error is not None:
-                raise error from None
-            raise PeerFailed(f"another process failed or did not answer {stage} within --ddp_timeout "
-                             f"{accelerator_timeout(accelerator)} s ({one_line(e)})") from None
+            raise (error or peer_lost(accelerator, e, stage)) from None
         failed = [(rank, line) for rank, line in enumerate(outcomes) if line is not None]
         if error is None and failed:
             rank, line = failed[0]
             raise PeerFailed(f"process {rank} failed {stage}: {line}")
     if error is not None:
         raise error
+
+
+def peer_lost(accelerator, error: BaseException, stage: str) -> PeerFailed:
+    """The error of a collective that failed because another process died or did not come."""
+    return PeerFailed(f"another process failed or did not answer {stage} within --ddp_timeout "
+                      f"{accelerator_timeout(accelerator)} s ({one_line(error)})")
 
 
 def accelerator_timeout(accelerator) -> int | str:
