@@ -1,7 +1,7 @@
 """How long a stop signal needs: one optimizer step plus one checkpoint, for a model on this machine.
 
-    python bench/checkpoint_time.py                      # the default MiniLM
-    python bench/checkpoint_time.py --bert_base          # a bert-base-sized model built from a config
+    python bench/checkpoint_time.py              # the default MiniLM
+    python bench/checkpoint_time.py bert-base    # a bert-base-sized model built from a config
 
 Saves through the loop's own code (checkpoint.save_checkpoint: accelerate state, AdamW
 moments, RNG states, fsync, rename) into a temporary folder, three times; prints the
@@ -20,7 +20,8 @@ from pathlib import Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bert_base", action="store_true", help="BertConfig() defaults: 12 layers, hidden 768 (110M)")
+    p.add_argument("model", nargs="?", default="minilm", choices=("minilm", "bert-base"),
+                   help="the default MiniLM, or bert-base-sized: BertConfig() defaults, 12 layers, hidden 768 (110M)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -38,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(output_dir=tmp, save_total_limit=1).validate()
         labels = LabelInfo(names=["a", "b", "c", "d", "e"])
-        if args.bert_base:
+        if args.model == "bert-base":
             from transformers import BertConfig, BertForSequenceClassification
 
             model, name = BertForSequenceClassification(BertConfig(num_labels=5)), "bert-base-sized (from BertConfig())"
