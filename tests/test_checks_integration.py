@@ -6,7 +6,6 @@ checks that must fire before the output folder is touched."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,14 +13,12 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from conftest import ENV, ROOT, launch_cmd, make_rows, read_metrics, run_train, small_files, train_args, \
     write_jsonl
 from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.ranks import DATA_FAULT_ENV
 
-pytestmark = pytest.mark.integration
 STOP_LINE = "stop requested ({}): checkpointing after this step; Ctrl-C again aborts"
 
 

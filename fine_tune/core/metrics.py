@@ -143,8 +143,7 @@ def extra_metric_names(metrics, task: str) -> list[str]:
         try:
             computed = metric.compute(predictions=[0, 1], references=[0, 1])
         except Exception as e:  # noqa: BLE001 - the metric's own checks
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--metric {metric.name}: it cannot score {task} predictions ({first})") from None
+            raise UserError(f"--metric {metric.name}: it cannot score {task} predictions ({first_line(e)})") from None
         names += [f"{metric.name}_{k}" if k in TASK_METRICS[task] else k for k, v in (computed or {}).items()
                   if isinstance(v, (int, float))]
     return names

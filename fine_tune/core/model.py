@@ -123,8 +123,7 @@ def check_model_options(cfg) -> None:
             shapes = [{k: tuple(v.shape) for k, v in cls.from_config(c).state_dict().items()}
                       for c in (original, config)]
     except (ValueError, TypeError) as e:  # the config's own consistency checks
-        raise UserError(f"--model_config_overrides {json.dumps(overrides)}: {str(e).strip().splitlines()[0]}") \
-            from None
+        raise UserError(f"--model_config_overrides {json.dumps(overrides)}: {first_line(e)}") from None
     changed = [k for k, shape in shapes[1].items() if k in shapes[0] and shapes[0][k] != shape]
     if changed:
         raise UserError(f"--model_config_overrides {json.dumps(overrides)} changes the shape of pre-trained "

@@ -15,7 +15,7 @@ import os
 import time
 from datetime import timedelta
 
-from fine_tune.core.errors import UserError
+from fine_tune.core.errors import UserError, first_line
 
 # tests: "RANK:raise" or "RANK:hang" makes that process fail, or stop answering, while it
 # loads the data (a failure on one node, such as a full or missing disk, cannot be staged here)
@@ -37,9 +37,8 @@ def process_group_kwargs(cfg, backend: str | None):
 
 
 def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    return first if isinstance(error, UserError) else f"{type(error).__name__}: {first}".rstrip(": ")
+    """An error as one line, with its type unless it is a user error (those explain themselves)."""
+    return first_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {first_line(error)}"
 
 
 def raise_if_any_failed(accelerator, error: BaseException | None, stage: str) -> None:
