@@ -110,7 +110,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(finished_run, tiny_model
     broken = finished_run["tmp"] / "broken_ckpt"
     shutil.copytree(real, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 10)
-    expect_failure(finished_run, tiny_model, "is corrupt or incomplete", resume_from_checkpoint=broken,
+    expect_failure(finished_run, tiny_model, "is corrupt (model.safetensors has 10 bytes", resume_from_checkpoint=broken,
           overwrite_output_dir="false")
 
 

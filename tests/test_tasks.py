@@ -100,7 +100,9 @@ def test_token_level_equivalence(ner):
     for name, config, nproc, bs, acc in (("b8", None, None, 8, 1), ("4x2", None, None, 4, 2),
                                          ("2proc", "cpu_ddp.yaml", 2, 4, 1)):
         out = ner["tmp"] / f"eq_{name}"
-        run_train(ner_args(ner, out, per_device_train_batch_size=bs, gradient_accumulation_steps=acc), config, nproc)
+        # lr 3e-3: one float32 ulp of a weight near 1 is then well under the tolerance (see test_topologies)
+        run_train(ner_args(ner, out, per_device_train_batch_size=bs, gradient_accumulation_steps=acc,
+                           learning_rate=3e-3), config, nproc)
         runs[name] = load_weights(out / "final")
         runs[name + "_loss"] = [r["loss"] for r in read_metrics(out) if "loss" in r]
     init = load_weights(ner["model"])

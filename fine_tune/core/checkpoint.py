@@ -1,30 +1,45 @@
-"""Checkpoints: atomic save, rotation, ``latest``, and a checked resume.
+"""Checkpoints: atomic save, rotation, ``latest``, a manifest, and a checked resume that runs no code.
 
 Layout::
 
-    OUTPUT_DIR/checkpoints/step_<N>/   accelerate state (model, optimizer, scaler, every
-                                       process's RNG), the scheduler and our TrainState
-                                       (custom_checkpoint_*.pkl), train_state.json, config.yaml
+    OUTPUT_DIR/checkpoints/step_<N>/   accelerate state (model safetensors, optimizer, scaler, every
+                                       process's RNG: tensors only, loaded with weights_only=True),
+                                       train_state.json (our TrainState), scheduler.json (the
+                                       scheduler's state), config.yaml, manifest.json
     OUTPUT_DIR/checkpoints/latest      text file naming the newest complete checkpoint
 
-A checkpoint is written into ``.tmp-step_<N>``, fsynced, and renamed; ``latest`` is replaced
-atomically after the rename. A crash at any point leaves the previous checkpoint as
-``latest``, and a half-written folder never has the name resume looks for.
+A checkpoint is written into ``.tmp-step_<N>``, listed in ``manifest.json`` (every file's
+size and sha256), fsynced, and renamed; ``latest`` is replaced atomically after the rename.
+A crash at any point leaves the previous checkpoint as ``latest``, and a half-written folder
+never has the name resume looks for. On resume the manifest is checked first: a damaged or
+foreign file is reported as corruption before anything is loaded, so a load error that
+follows (out of memory, another library version) is reported as what it is.
+
+Nothing in a checkpoint can run code: the loop state and the scheduler are JSON (accelerate's
+``register_for_checkpointing`` would pickle them), and every torch file is loaded with
+``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` while loading, which covers
+DeepSpeed's own loader too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from fine_tune.core.config import MATHS_FIELDS, TrainConfig, save_config
 from fine_tune.core.errors import UserError, first_line
+from fine_tune.core.outputs import check_output_dir, fsync_dir, fsync_tree, on_main, write_atomic
 
 STATE_FILE = "train_state.json"
+SCHEDULER_FILE = "scheduler.json"
+MANIFEST_FILE = "manifest.json"
 CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename
 
 
@@ -44,7 +59,6 @@ class TrainState:
     data_fingerprint: Optional[str] = None  # data.data_fingerprint: resuming on other data is refused
     pending_eval: bool = False  # a stop signal interrupted this step's evaluation: redo it on resume
 
-    # accelerate's register_for_checkpointing protocol
     def state_dict(self) -> dict:
         return asdict(self)
 
@@ -57,33 +71,49 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
+# ------------------------------------------------------------------ manifest
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: Path) -> None:
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files(folder)}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(path: Path) -> None:
+    """Every file of the checkpoint is the one that was saved, and there is no other."""
+    def corrupt(what: str) -> UserError:
+        return UserError(f"checkpoint {path} is corrupt ({what}); resume from an older checkpoint in the same folder")
+
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        listed = json.loads((path / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        raise corrupt(f"no {MANIFEST_FILE}: incomplete, or written by an older version of fine_tune") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise corrupt(f"{MANIFEST_FILE} unreadable: {e}") from None
+    present = {p.relative_to(path).as_posix(): p for p in _files(path)}
+    for name, meta in listed.items():
+        if name not in present:
+            raise corrupt(f"{name} is missing")
+        size = present[name].stat().st_size
+        if size != meta["size"]:
+            raise corrupt(f"{name} has {size} bytes, {meta['size']} were saved")
+        if _sha256(present[name]) != meta["sha256"]:
+            raise corrupt(f"{name} differs from what was saved (sha256)")
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise corrupt(f"{extra[0]} was not written by fine_tune")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
+# ------------------------------------------------------------------ save
+def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler) -> Path:
     """Save on every process (all must call it), atomically; returns the final folder."""
     root = checkpoints_dir(cfg.output_dir)
     final = root / f"step_{state.global_step}"
@@ -97,17 +127,20 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
+        write_manifest(tmp)
+        fsync_tree(tmp)
         if os.environ.get(CRASH_HOOK_ENV) == str(state.global_step):
             raise RuntimeError(f"{CRASH_HOOK_ENV} is set: simulated crash before renaming {tmp.name}")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
-        rotate(root, cfg.save_total_limit, keep_step=state.best_step)
+        fsync_dir(root)
+        write_atomic(root / "latest", final.name + "\n")
+        keep = {final.name} | ({f"step_{state.best_step}"} if state.best_step is not None else set())
+        rotate(root, cfg.save_total_limit, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -123,16 +156,35 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def rotate(root: Path, limit: Optional[int], keep_step: Optional[int]) -> None:
-    """Keep the newest ``limit`` checkpoints, and the best one in any case."""
-    if not limit:
-        return
-    ckpts = list_checkpoints(root)
-    for p in ckpts[:-limit]:
-        if keep_step is None or _step_of(p) != keep_step:
-            shutil.rmtree(p, ignore_errors=True)
+def rotate(root: Path, limit: Optional[int], keep: set[str]) -> None:
+    """Keep the newest ``limit`` checkpoints, and in any case those named in ``keep`` (the one
+    just written, the best one) and the one ``latest`` names."""
+    if limit:
+        pointer = root / "latest"
+        protected = set(keep) | ({pointer.read_text().strip()} if pointer.exists() else set())
+        for p in list_checkpoints(root)[:-limit]:
+            if p.name not in protected:
+                shutil.rmtree(p, ignore_errors=True)
     for stale in root.glob(".tmp-step_*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside_newer(resume_path: Path) -> Optional[str]:
+    """Resuming from an older checkpoint abandons the newer ones of the same folder: move them
+    into ``checkpoints/abandoned-<time>/`` (so ``latest``, rotation and a later resume see one
+    story) and point ``latest`` at the resumed one. Returns a line saying what moved, if any."""
+    root = resume_path.parent
+    newer = [p for p in list_checkpoints(root) if _step_of(p) > _step_of(resume_path)]
+    if newer:
+        aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for p in newer:
+            os.rename(p, aside / p.name)
+    write_atomic(root / "latest", resume_path.name + "\n")
+    if not newer:
+        return None
+    return (f"resuming from {resume_path.name}: the newer checkpoints {', '.join(p.name for p in newer)} "
+            f"belong to the abandoned continuation and were moved to {aside}")
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
@@ -160,6 +212,21 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
         raise UserError(f"--resume_from_checkpoint {path} is not a checkpoint (no {STATE_FILE}); "
                         "checkpoints are OUTPUT_DIR/checkpoints/step_N")
     return path
+
+
+def choose_resume(accelerator, cfg: TrainConfig) -> Optional[Path]:
+    """Rank 0 picks the checkpoint to resume (or none), verifies its manifest and settings and
+    checks the output folder; every rank resumes from that choice, whatever it would read itself."""
+    def pick() -> Optional[str]:
+        path = resolve_resume(cfg)
+        if path is not None:
+            verify_manifest(path)
+            check_compatible(path, cfg, accelerator.num_processes)
+        check_output_dir(cfg, path)
+        return None if path is None else str(path)
+
+    chosen = on_main(accelerator, pick)
+    return None if chosen is None else Path(chosen)
 
 
 def read_state(path: Path) -> TrainState:
@@ -196,9 +263,52 @@ def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
                         "--ignore_config_mismatch to resume anyway")
 
 
-def load_checkpoint(accelerator, path: Path) -> None:
+def _deepspeed_safe_globals() -> list:
+    """The plain data classes DeepSpeed pickles into its optimizer state (the loss scaler, the
+    ZeRO stage enum, parameter fragment addresses): rebuilding them sets attributes and runs
+    nothing else."""
     try:
-        accelerator.load_state(str(path))
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or incomplete ({first_line(e)}); resume from an older "
-                        "checkpoint in the same folder") from None
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads(accelerator):
+    """Every ``torch.load`` inside (accelerate's, DeepSpeed's) uses weights_only=True, even
+    where the caller asked for weights_only=False."""
+    import torch
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    allowed = _deepspeed_safe_globals() if accelerator.state.deepspeed_plugin is not None else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) -> None:
+    """Load a checkpoint whose manifest was verified (:func:`verify_manifest`): a failure here
+    is not damage (out of memory, another library version, another model), and is not called so."""
+    import torch
+
+    try:
+        with _weights_only_loads(accelerator):
+            accelerator.load_state(str(path))
+        state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
+        if scheduler is not None:
+            scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in one line: the files are intact
+        raise UserError(f"checkpoint {path} is intact (it matches its manifest) but could not be loaded: "
+                        f"{first_line(e)}. "
+                        "Was it made by another model, or with other library versions?") from None

@@ -36,6 +36,9 @@ TORCH_SCHEDULERS = ("step", "cosine_annealing", "plateau")
 SCHEDULERS = HF_SCHEDULERS + TORCH_SCHEDULERS
 TASKS = ("text-classification", "token-classification", "regression")
 REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "all")
+# --metric names fine_tune computes itself (fine_tune/core/metrics.py): no `evaluate` script is
+# loaded for them; any other name runs a script and needs --trust_remote_code.
+BUILTIN_METRICS = ("accuracy", "precision", "recall", "f1", "mse", "mae", "pearson", "spearman")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -61,6 +64,9 @@ class TrainConfig:
         group="model")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory", group="model")
     torch_compile: bool = _opt(False, "compile the model with torch.compile", group="model")
+    trust_remote_code: bool = _opt(
+        False, "allow running code that is not part of fine_tune: a model's or tokenizer's own Python files "
+        "(from_pretrained) and --metric scripts loaded through `evaluate`", group="model")
     # ----------------------------------------------------------------- data
     dataset_name: Optional[str] = _opt(None, "hub data set, e.g. yelp_review_full", group="data")
     dataset_config_name: Optional[str] = _opt(None, "hub data set configuration", group="data")
@@ -136,6 +142,10 @@ class TrainConfig:
                                              "(default: false for loss/mse/mae, else true)", group="evaluation")
     early_stopping_patience: Optional[int] = _opt(
         None, "stop after N evaluations without improvement", group="evaluation")
+    load_best_model_at_end: Optional[bool] = _opt(
+        None, "final/ and the test_* metrics come from the weights of the best evaluation (by "
+        "--metric_for_best_model), whose checkpoint is always kept; default: true with --early_stopping_patience, "
+        "else false (the last weights)", group="evaluation")
     # ------------------------------------------------------- checkpoints
     save_strategy: str = _opt("epoch", "when to save a checkpoint", choices=("no", "steps", "epoch"),
                               group="checkpoints")
@@ -183,6 +193,19 @@ class TrainConfig:
         else:
             name = {"token-classification": "f1", "regression": "mse"}.get(self.task, "accuracy")
         return name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
+    def load_best(self) -> bool:
+        """--load_best_model_at_end, its default resolved: on with early stopping (the run goes on
+        --early_stopping_patience evaluations past its best, so the last weights are the worse ones)."""
+        if self.load_best_model_at_end is not None:
+            return self.load_best_model_at_end
+        return bool(self.early_stopping_patience) and self.eval_strategy != "no"
+
+    @property
+    def extra_metric_names(self) -> list[str]:
+        """--metric names that are loaded through `evaluate` (the built-in ones are computed anyway)."""
+        return [m for m in (self.metric or []) if m not in BUILTIN_METRICS]
 
     @property
     def best_is_greater(self) -> bool:
@@ -243,6 +266,13 @@ class TrainConfig:
                     raise ConfigError(f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {value}")
                 need(isinstance(parsed, dict), name, "must be a JSON object like '{\"key\": value}'")
         self.check_metric_for_best_model()
+        if self.load_best_model_at_end and self.eval_strategy == "no":
+            raise ConfigError("--load_best_model_at_end needs evaluations to pick the best weights: set "
+                              "--eval_strategy steps or epoch")
+        if self.extra_metric_names and not self.trust_remote_code:
+            raise ConfigError(f"--metric {self.extra_metric_names[0]} runs a script through `evaluate` (code from a "
+                              f"file or the hub): pass --trust_remote_code true to allow it (built in: "
+                              f"{', '.join(BUILTIN_METRICS)})")
         bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
         if bad:
             raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -108,23 +107,21 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # else ZeRO-3 saves empty weights
 
 
-def check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
-    """Refuse to write into another run's folder (checked before any work, changes nothing)."""
-    out = Path(cfg.output_dir)
-    if (out / "config.yaml").exists() and not resuming and not cfg.overwrite_output_dir \
-            and cfg.resume_from_checkpoint != "latest":
-        raise UserError(f"{out} already holds a run (config.yaml); pass --overwrite_output_dir to replace it, "
-                        "--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+def prepare_output_dir(cfg: TrainConfig, resume_path: Path | None) -> None:
+    """Make the folder tell one story before the run writes into it (main process, once every
+    input is checked): a fresh start clears what it may replace (with --overwrite_output_dir, or
+    an unfinished run's leftovers when 'latest' found no checkpoint); a resume from an older
+    checkpoint sets the newer ones aside."""
+    from fine_tune.core import checkpoint, outputs
 
-
-def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
-    """A fresh start clears what a previous run left (overwrite, or 'latest' with no checkpoint)."""
     out = Path(cfg.output_dir)
-    if not resuming and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint == "latest"):
-        for name in ("checkpoints", "final", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "eval_results.json"):
-            (out / name).unlink(missing_ok=True)
+    outputs.recover_folder(out / "final")
+    if resume_path is not None and outputs.is_inside(resume_path, out):
+        note = checkpoint.set_aside_newer(resume_path)
+        if note:
+            print(note, flush=True)
+    elif cfg.overwrite_output_dir or cfg.resume_from_checkpoint == "latest":
+        outputs.clear_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -245,6 +242,7 @@ class TrainingRun:
         self.cfg = cfg
         self.stop = install_stop_handlers()  # the entry point installed them already: the same object
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
+        self.lock = None  # the output folder's lock (main process), held for the run's life
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -254,22 +252,21 @@ class TrainingRun:
         from accelerate.utils import set_seed
 
         from fine_tune.core import checkpoint, data
-        from fine_tune.core.metrics import extra_metric_names, load_extra_metric
+        from fine_tune.core.metrics import extra_metric_outputs, load_extra_metric
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer
         from fine_tune.core.optim import build_optimizer, build_scheduler
+        from fine_tune.core.outputs import claim_output_dir
         from fine_tune.core.ranks import injected_data_fault, peer_lost, raise_if_any_failed
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
-        resume_path = checkpoint.resolve_resume(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         self.world = world = accelerator.num_processes
-        if resume_path is not None:
-            checkpoint.check_compatible(resume_path, cfg, world)
-        check_output_dir(cfg, resuming=resume_path is not None)
+        self.lock = claim_output_dir(accelerator, cfg)  # one run per folder, and every rank sees it
+        resume_path = checkpoint.choose_resume(accelerator, cfg)  # rank 0's choice, for every rank
         check_model_options(cfg)
         set_seed(cfg.seed)
-        self.extra_metrics = [load_extra_metric(m) for m in (cfg.metric or [])]
+        self.extra_metrics = [load_extra_metric(m) for m in cfg.extra_metric_names]
 
         self.tokenizer = load_tokenizer(cfg)
         error = None
@@ -288,7 +285,7 @@ class TrainingRun:
             raise (error or peer_lost(accelerator, e, "while loading the data")) from None
         # every process learns whether any failed: all end now, each showing the failing one's error
         raise_if_any_failed(accelerator, error, "while loading the data")
-        cfg.check_metric_for_best_model(self.labels.names, extra_metric_names(self.extra_metrics, cfg.task))
+        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, cfg.task))
         self.train_ds = train_ds = tokenized["train"]
         if len(train_ds) < world:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
@@ -316,17 +313,19 @@ class TrainingRun:
         # the train batches come from our StepSampler, so only evaluation loaders are prepared
         self.model, self.optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_loaders.values())
         self.eval_loaders = dict(zip(eval_loaders, prepared))
+        if cfg.load_best and "validation" not in self.eval_loaders:
+            raise UserError("--load_best_model_at_end needs a validation split to pick the best weights: give "
+                            "--validation_file, or a --validation_split_percentage above 0")
         self.state = state = checkpoint.TrainState(world_size=world)
-        accelerator.register_for_checkpointing(self.scheduler, state)
         if resume_path is not None:
-            checkpoint.load_checkpoint(accelerator, resume_path)
+            checkpoint.load_checkpoint(accelerator, resume_path, state, self.scheduler)
             accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
                               f"(epoch {state.epoch}, step {state.step_in_epoch} of {self.steps_per_epoch})")
         state.data_fingerprint = data.data_fingerprint(cfg)  # what the checkpoints of this run were trained on
         # every input (data, model, checkpoint) is checked by now: only from here on is the output
         # directory written, so a failed start never damages an earlier run
         if accelerator.is_main_process:
-            prepare_output_dir(cfg, resuming=resume_path is not None)
+            prepare_output_dir(cfg, resume_path)
             if resume_path is not None:
                 truncate_metrics(Path(cfg.output_dir) / "metrics.jsonl", state.global_step)
             elif cfg.resume_from_checkpoint == "latest":
@@ -397,11 +396,14 @@ class TrainingRun:
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == self.total_steps:
                     self.log(progress)
                 end_of_epoch = state.step_in_epoch >= self.steps_per_epoch
+                new_best = False
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
                     if not self.evaluate_unless_stopped():
                         stop_votes = 1
+                    else:
+                        new_best = state.best_step == state.global_step
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -410,7 +412,8 @@ class TrainingRun:
                 if stop_votes > 0:
                     stop_reason = "signal"
                 if (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
-                        (cfg.save_strategy == "epoch" and end_of_epoch) or stop_reason == "signal":
+                        (cfg.save_strategy == "epoch" and end_of_epoch) or stop_reason == "signal" or \
+                        (new_best and cfg.load_best):  # the best weights are always on disk to load at the end
                     self.save_checkpoint()
                 if state.global_step >= self.total_steps or stop_reason:
                     break
@@ -527,15 +530,41 @@ class TrainingRun:
     def save_checkpoint(self) -> Path:
         from fine_tune.core import checkpoint
 
-        return checkpoint.save_checkpoint(self.accelerator, self.cfg, self.state)
+        return checkpoint.save_checkpoint(self.accelerator, self.cfg, self.state, self.scheduler)
+
+    def load_best_model(self) -> int:
+        """With --load_best_model_at_end, put the best evaluation's weights back (from its
+        checkpoint, which rotation keeps). Returns the step whose weights the model now holds."""
+        from fine_tune.core import checkpoint
+        from fine_tune.core.outputs import on_main
+
+        cfg, state = self.cfg, self.state
+        if not cfg.load_best or state.best_step is None or state.best_step == state.global_step:
+            return state.global_step
+        best = checkpoint.checkpoints_dir(cfg.output_dir) / f"step_{state.best_step}"
+        on_main(self.accelerator, lambda: checkpoint.verify_manifest(best))
+        checkpoint.load_checkpoint(self.accelerator, best, checkpoint.TrainState())  # weights; this run's state stays
+        self.accelerator.print(f"loaded the best model (step {state.best_step}, {cfg.best_metric} "
+                               f"{state.best_metric:.4f}) for final/ and the test metrics")
+        return state.best_step
 
     def finish(self) -> dict:
         """The last evaluation (unless this step was just evaluated), the test split, and
-        final/: the model and tokenizer that `transformers.pipeline` loads."""
+        final/: the model and tokenizer that `transformers.pipeline` loads. With
+        --load_best_model_at_end all three come from the best evaluation's weights."""
+        from fine_tune.core.outputs import replace_folder, write_atomic
+
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         results = {}
+        model_step = self.load_best_model()
         if "validation" in self.eval_loaders:
-            results.update(self.evals.get(state.global_step) or self.evaluate())
+            if model_step not in self.evals and model_step == state.global_step:
+                self.evaluate()
+            elif model_step not in self.evals:  # the best evaluation came before a resume: evaluate it again
+                self.evals[model_step] = {f"eval_{k}": v for k, v in evaluate(
+                    self.model, self.eval_loaders["validation"], accelerator, cfg, self.labels,
+                    self.extra_metrics).items()}
+            results.update(self.evals[model_step])
         if "test" in self.eval_loaders:
             test = {f"test_{k}": v for k, v in evaluate(self.model, self.eval_loaders["test"], accelerator, cfg,
                                                        self.labels, self.extra_metrics, self.stop).items()}
@@ -546,11 +575,16 @@ class TrainingRun:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
             unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
-            unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(final_dir)
+
+            def build(folder: Path) -> None:  # beside the old final/, swapped in once complete
+                unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+
+            replace_folder(final_dir, build)
             results.update({"global_step": state.global_step, "best_metric": state.best_metric,
-                            "best_step": state.best_step, "metric_for_best_model": cfg.best_metric})
-            (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+                            "best_step": state.best_step, "metric_for_best_model": cfg.best_metric,
+                            "load_best_model_at_end": cfg.load_best, "final_model_step": model_step})
+            write_atomic(Path(cfg.output_dir) / "eval_results.json", json.dumps(results, indent=2))
             shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
             accelerator.print("final metrics: " + json.dumps(shown))
             accelerator.print(f"model saved to {final_dir}")
@@ -562,16 +596,22 @@ def run(cfg: TrainConfig) -> dict:
     """Set up, train, evaluate, save. Returns the final metrics; exits with ``EXIT_CHECKPOINTED``
     after a stop signal (a checkpoint was saved: requeue and resume)."""
     training = TrainingRun(cfg)
-    training.setup()
-    stop_reason = training.train()
-    results = None
-    if stop_reason != "signal":
-        try:
-            results = training.finish()
-        except EvaluationInterrupted:  # the final evaluations: checkpoint, and they run on resume
-            training.accelerator.print("final evaluation interrupted by the stop request")
-            training.save_checkpoint()
-            stop_reason = "signal"
+    try:
+        training.setup()
+        stop_reason = training.train()
+        results = None
+        if stop_reason != "signal":
+            try:
+                results = training.finish()
+            except EvaluationInterrupted:  # the final evaluations: checkpoint, and they run on resume
+                training.accelerator.print("final evaluation interrupted by the stop request")
+                training.save_checkpoint()
+                stop_reason = "signal"
+    except BaseException:
+        if training.lock is not None:  # a run that failed has ended: the folder is free
+            training.lock.release()
+        raise
+    lock = training.lock
     if stop_reason == "signal":
         from fine_tune.core.checkpoint import latest_checkpoint
 
@@ -587,6 +627,8 @@ def run(cfg: TrainConfig) -> dict:
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()  # closes the trackers (main process) and the process group
+    if lock is not None:
+        lock.release()
     if stop_reason == "signal":
         sys.exit(EXIT_CHECKPOINTED)
     return results

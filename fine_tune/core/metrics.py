@@ -135,7 +135,7 @@ def load_extra_metric(name: str):
                         "metric script path; accuracy, precision, recall and F1 are built in") from None
 
 
-def extra_metric_names(metrics, task: str) -> list[str]:
+def extra_metric_outputs(metrics, task: str) -> list[str]:
     """The names the extra --metric metrics add to an evaluation (as the loop names them),
     learnt by scoring two predictions: a metric that cannot score this task fails here, before work."""
     names = []

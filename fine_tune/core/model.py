@@ -38,6 +38,9 @@ def resolve_model_path(name: str) -> str:
 
 
 def _wrap_load_error(name: str, err: Exception) -> UserError:
+    if "trust_remote_code" in str(err):
+        return UserError(f"model {name!r} comes with its own Python code; pass --trust_remote_code true to run it "
+                         "(only for models whose code you trust)")
     return UserError(f"could not load model {name!r}: {first_line(err)}. Without the hub, give a local folder "
                      f"(or the default {DEFAULT_MODEL!r})")
 
@@ -46,9 +49,11 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     name = resolve_model_path(cfg.tokenizer_name or cfg.model_name_or_path)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.task == "token-classification" and _needs_prefix_space(name):
+        kwargs["add_prefix_space"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, add_prefix_space=True) \
-            if cfg.task == "token-classification" and _needs_prefix_space(name) else AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise _wrap_load_error(name, e) from None
     if tokenizer.pad_token is None:
@@ -79,7 +84,7 @@ def load_config(cfg):
 
     name = resolve_model_path(cfg.model_name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _wrap_load_error(name, e) from None
     for key, value in cfg.json_field("model_config_overrides").items():
@@ -149,7 +154,8 @@ def load_model(cfg, labels, tokenizer=None):
         # a head of another size (a checkpoint fine-tuned on other labels) is re-initialised,
         # as the labels of this data ask; transformers reports it in its load report. Overrides
         # that change other shapes were refused by check_model_options.
-        model = cls.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+        model = cls.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
+                                    trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:
         raise _wrap_load_error(name, e) from None
     if cfg.gradient_checkpointing:

@@ -31,6 +31,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from fine_tune.core.errors import first_line
+from fine_tune.core.outputs import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -59,7 +60,10 @@ def flat_name(tag: str) -> str:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop events logged after the checkpoint (they will be logged again)."""
+    """On resume, drop events logged after the checkpoint (they will be logged again).
+
+    The kept lines go to a new file renamed over the old one: a kill or a full disk during
+    the rewrite leaves the old file whole, never a cut one."""
     if not path.exists():
         return
     kept = []
@@ -70,7 +74,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                     kept.append(line)
             except json.JSONDecodeError:
                 break  # a line cut by a kill: everything after it is suspect
-    path.write_text("".join(k + "\n" for k in kept))
+    write_atomic(path, "".join(k + "\n" for k in kept))
 
 
 def _last_elapsed(path: Path) -> float:

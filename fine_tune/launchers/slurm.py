@@ -436,6 +436,21 @@ def expand_sweep(path: str | os.PathLike) -> tuple[str, list[dict], dict]:
     return str(data.get("name") or p.stem), points, fixed
 
 
+def check_distinct_folders(points: list[dict]) -> None:
+    """Two points of a sweep must never share an output folder (they would lock each other out,
+    or one would resume the other): values that clean to the same name, or one value written
+    twice (2.0e-5 and 0.00002), are refused before anything is submitted."""
+    by_name: dict[str, list[int]] = {}
+    for i, point in enumerate(points):
+        by_name.setdefault(point_name(point), []).append(i)
+    for name, idx in by_name.items():
+        if len(idx) > 1:
+            shown = " and ".join(f"point {i + 1} ({', '.join(f'{k}: {format_value(v)}' for k, v in points[i].items())})"
+                                 for i in idx)
+            raise UserError(f"sweep: {shown} would write to the same folder {name}; make the values distinct "
+                            "(a value written twice, or values that differ only in characters a folder name drops)")
+
+
 def point_flags(point: dict) -> list[str]:
     flags = []
     for key, value in point.items():
@@ -594,6 +609,7 @@ def parse_submission(argv: list[str], stamp: Optional[str] = None) -> Submission
             except ConfigError as e:
                 raise UserError(f"sweep point {name}: {e}") from None
             specs.append(JobSpec(train_args=args, output_dir=str(out), name=name, run_id=f"{run_tag}r{i}", **common))
+        check_distinct_folders(points)
     if opts.job_name is None:
         opts.job_name = sweep_name or output_dir.name or "fine_tune"
     return Submission(opts=opts, specs=specs, folder=folder, output_dir=output_dir, sweep_name=sweep_name)
