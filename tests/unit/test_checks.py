@@ -161,7 +161,8 @@ def test_metric_for_best_model_is_checked_at_parse_time():
 def test_a_yaml_scalar_metric_is_one_name(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("metric: seqeval\n")
-    assert parse_args(["--config", str(recipe), "--metric", "accuracy"]).metric == ["seqeval", "accuracy"]
+    cfg = parse_args(["--config", str(recipe), "--metric", "accuracy", "--trust_remote_code", "true"])
+    assert cfg.metric == ["seqeval", "accuracy"]
 
 
 # ------------------------------------------------------------------ numeric ranges
