@@ -30,6 +30,11 @@ COMMANDS = {
 
 def train_main(argv: list[str], prog: str = "fine-tune train") -> None:
     """train.py's entry point, for `fine-tune train` (the same code as `python train.py`)."""
+    # first, before torch and the data are imported (seconds): a stop signal during start-up
+    # is then remembered and acted on, instead of killing the process
+    from fine_tune.core.signals import install_stop_handlers
+
+    install_stop_handlers()
     from fine_tune.core.config import main_guard, parse_args
 
     @main_guard

@@ -69,8 +69,9 @@ def predict_batches(texts: list, tokenizer, model, task: str, batch_size: int = 
                         if wid is not None and wid not in seen:
                             seen.add(wid)
                             pred.append(int(logits[row, pos].argmax()))
-                    pred += [0] * (len(texts[i]) - len(pred))  # words cut by truncation
-                    out[i] = pred
+                    # words cut off by truncation have no prediction: None, never a label id
+                    # (id 0 can be an entity tag), and they are reported as not scored
+                    out[i] = pred + [None] * (len(texts[i]) - len(pred))
                 elif task == "multi-label-classification":
                     out[i] = logits[row].sigmoid().tolist()  # one independent score per label
                 else:
@@ -85,11 +86,22 @@ def label_set(scores: list[float], id2label: dict, threshold: float) -> dict:
     return {id2label[i]: round(scores[i], 4) for i in chosen}
 
 
-def entities(words: list[str], tags: list[str]) -> list[dict]:
+def entities(words: list[str], tags: list) -> list[dict]:
+    """The entities of the predicted tags (None, a word not scored, ends an entity)."""
     from fine_tune.core.metrics import extract_entities
 
+    tags = ["O" if t is None else t for t in tags]
     return [{"type": t, "text": " ".join(words[s:e]), "start_word": s, "end_word": e}
             for t, s, e in sorted(extract_entities(tags), key=lambda x: x[1])]
+
+
+def tag_names(pred: list, id2label: dict) -> list:
+    return [None if t is None else id2label[t] for t in pred]
+
+
+def unscored(pred: list) -> int:
+    """Words past --max_length: not seen by the model, so not scored."""
+    return sum(t is None for t in pred)
 
 
 def read_file(path: str):
@@ -133,12 +145,14 @@ def main(argv=None) -> dict:
             if task == "regression":
                 print(f"{pred:.3f}\t{text}")
             elif task == "token-classification":
-                found = entities(text.split(), [id2label[t] for t in pred])
+                found = entities(text.split(), tag_names(pred, id2label))
                 print(text)
                 for ent in found:
                     print(f"  {ent['type']}: {ent['text']}")
                 if not found:
                     print("  (no entities)")
+                if unscored(pred):
+                    print(f"  ({unscored(pred)} words past --max_length {args.max_length} not scored)")
             elif task == "multi-label-classification":
                 chosen = label_set(pred, id2label, args.multilabel_threshold)
                 best = max(range(len(pred)), key=lambda i: pred[i])
@@ -165,8 +179,8 @@ def main(argv=None) -> dict:
             if task == "regression":
                 rows.append({"prediction": pred})
             elif task == "token-classification":
-                tags = [id2label[t] for t in pred]
-                rows.append({"tags": tags, "entities": entities(inputs[i], tags)})
+                tags = tag_names(pred, id2label)  # null: a word past --max_length, not scored
+                rows.append({"tags": tags, "entities": entities(inputs[i], tags), "unscored_words": unscored(pred)})
             elif task == "multi-label-classification":
                 chosen = label_set(pred, id2label, args.multilabel_threshold)
                 rows.append({"labels": list(chosen), "scores": {id2label[j]: round(v, 4) for j, v in enumerate(pred)}})
@@ -203,7 +217,13 @@ def score(preds, gold, task: str, id2label: dict, threshold: float = 0.5) -> dic
         result = M.regression_metrics(np.array(preds), np.array(gold, dtype=float))
     elif task == "token-classification":
         true = [[t if isinstance(t, str) else id2label[int(t)] for t in row] for row in gold]
-        result = M.entity_metrics([[id2label[t] for t in p][:len(g)] for p, g in zip(preds, true)], true)
+        # only the words the model saw are scored; the others are counted and reported
+        scored = [len(p) - unscored(p) for p in preds]
+        result = M.entity_metrics([tag_names(p[:n], id2label) for p, n in zip(preds, scored)],
+                                  [g[:n] for g, n in zip(true, scored)])
+        result["unscored_words"] = sum(unscored(p) for p in preds)
+        if result["unscored_words"]:
+            print(f"{result['unscored_words']} words past --max_length were not scored (truncated)", file=sys.stderr)
     elif task == "multi-label-classification":
         names = [id2label[i] for i in range(len(id2label))]
         unknown = next((n for row in gold for n in row if n not in label2id), None)

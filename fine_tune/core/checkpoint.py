@@ -59,6 +59,8 @@ class TrainState:
     skipped_steps: int = 0  # fp16 overflow steps skipped by the scaler
     world_size: int = 1
     tracker_ids: dict = field(default_factory=dict)  # e.g. {"wandb": run id}
+    data_fingerprint: Optional[str] = None  # data.data_fingerprint: resuming on other data is refused
+    pending_eval: bool = False  # a stop signal interrupted this step's evaluation: redo it on resume
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -252,9 +254,13 @@ def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
     current = cfg.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
              for k in MATHS_FIELDS if k in saved and saved.get(k) != current.get(k)]
-    saved_world = read_state(path).world_size
-    if saved_world != world_size:
-        diffs.append(f"world size: checkpoint {saved_world}, now {world_size}")
+    from fine_tune.core.data import data_fingerprint
+
+    saved_state = read_state(path)
+    if saved_state.world_size != world_size:
+        diffs.append(f"world size: checkpoint {saved_state.world_size}, now {world_size}")
+    if saved_state.data_fingerprint and saved_state.data_fingerprint != data_fingerprint(cfg):
+        diffs.append("the content of the training or validation data differs (its fingerprint)")
     if diffs:
         raise UserError(f"checkpoint {path} was made with different settings ({'; '.join(diffs)}); "
                         "resuming would change the maths. Use the same settings, or pass "

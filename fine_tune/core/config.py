@@ -141,6 +141,9 @@ class TrainConfig:
     max_nonfinite_steps: int = _opt(
         0, "stop after more than N consecutive optimizer steps with a non-finite loss or gradient "
         "(fp16 overflows are skipped by the scaler instead)", group="training")
+    ddp_timeout: int = _opt(
+        1800, "seconds a process waits in a collective (barrier, all-reduce) before the run fails; "
+        "bounds the wait on a process that died or hangs", group="training")
     # ---------------------------------------------------------- optimizer
     learning_rate: float = _opt(5e-5, "peak learning rate of AdamW", group="optimizer")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights)", group="optimizer")
@@ -259,6 +262,10 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not allowed: {allowed}")
 
+        for f in dataclasses.fields(self):  # inf and nan pass most range checks: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} {value!r} is not allowed: must be a finite number")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be an integer >= 1")
@@ -271,13 +278,21 @@ class TrainConfig:
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         need(self.save_steps >= 1, "save_steps", "must be >= 1")
         need(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
+        need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 (use --num_train_epochs) or >= 1")
+        need(0 <= self.seed < 2 ** 32, "seed", "must be an integer in [0, 2**32)")  # numpy's seed range
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be an integer >= 0")
+        need(self.ddp_timeout >= 1, "ddp_timeout", "must be >= 1 (seconds)")
+        need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", "must be > 0")
         need(0 <= self.validation_split_percentage < 100, "validation_split_percentage", "must be in [0, 100)")
         need(self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
              "warmup_steps", "an int >= 0, or a float in [0, 1) as a ratio")
         if self.warmup_ratio is not None:
             need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         for name in ("max_train_samples", "max_eval_samples", "save_total_limit", "early_stopping_patience",
-                     "pad_to_multiple_of", "eval_steps", "expected_world_size"):
+                     "pad_to_multiple_of", "eval_steps", "expected_world_size", "preprocessing_num_workers"):
             value = getattr(self, name)
             need(value is None or value >= 1, name, "must be an integer >= 1")
         if self.eval_strategy == "steps" and self.eval_steps is None:
@@ -290,6 +305,7 @@ class TrainConfig:
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {value}")
                 need(isinstance(parsed, dict), name, "must be a JSON object like '{\"key\": value}'")
+        self.check_metric_for_best_model()
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ConfigError("--load_best_model_at_end needs evaluations to pick the best weights: set "
                               "--eval_strategy steps or epoch")
@@ -360,6 +376,23 @@ class TrainConfig:
             raise ConfigError(f"--class_weights {value!r} is not allowed: use 'balanced', positive numbers in label "
                               "order (2,1,1) or a JSON mapping of label to a positive number ('{\"spam\": 5}')")
         return dict(zip(parsed, weights)) if isinstance(parsed, dict) else weights
+    def check_metric_for_best_model(self, label_names=(), extra=None) -> None:
+        """--metric_for_best_model must name a metric this task's evaluation reports. Without
+        the labels, any f1_<name> passes for token and multi-label classification; without the names of the
+        extra --metric metrics (``extra``, known once they are loaded), any other name passes."""
+        from fine_tune.core.metrics import metric_names
+
+        if not self.metric_for_best_model:
+            return
+        name = self.best_metric[len("eval_"):]
+        if self.metric and extra is None:
+            return
+        known = metric_names(self.task, label_names, extra or ())
+        per_label = self.task in ("token-classification", "multi-label-classification")  # f1_<type or label>
+        if name in known or (per_label and not label_names and name.startswith("f1_")):
+            return
+        raise ConfigError(f"--metric_for_best_model {self.metric_for_best_model!r}: the {self.task} evaluation "
+                          f"reports no such metric; choose from {', '.join(known)}{_suggest(name, known)}")
 
     def json_field(self, name: str) -> dict:
         value = getattr(self, name)
@@ -369,6 +402,7 @@ class TrainConfig:
 
 
 # Options that change the maths of a run: a checkpoint may only be resumed with the same values.
+# The content of the data files is compared too (data.data_fingerprint, kept in the checkpoint).
 MATHS_FIELDS = (
     "model_name_or_path", "task", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "weight_decay", "lr_scheduler_type", "max_length", "seed", "mixed_precision",
@@ -376,6 +410,14 @@ MATHS_FIELDS = (
     "torch_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "lora_modules_to_save",
     "class_weights", "label_smoothing_factor",
+    # the tokenizer, the labels and where they are read from
+    "tokenizer_name", "label_names", "dataset_config_name", "text_column", "text_pair_column", "label_column",
+    "tokens_column", "tags_column", "label_all_tokens",
+    # the validation data (it picks the best step, stops early, steps a plateau scheduler)
+    "validation_file", "validation_split_percentage", "max_eval_samples",
+    # the optimizer and its schedule
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_kwargs",
+    "warmup_steps", "warmup_ratio",
 )
 
 
@@ -522,7 +564,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> TrainCo
         values.update(load_yaml(namespace.config))
     flags = {k: v for k, v in vars(namespace).items() if k != "config"}
     if "metric" in flags and "metric" in values:  # repeated --metric adds to the recipe's list
-        flags["metric"] = list(values["metric"] or []) + flags["metric"]
+        recipe = values["metric"]
+        recipe = [] if recipe is None else recipe if isinstance(recipe, list) else [recipe]  # a scalar is one name
+        flags["metric"] = recipe + flags["metric"]
     values.update(flags)
     return config_from_dict(values, source=getattr(namespace, "config", "") or "")
 

@@ -35,6 +35,10 @@ def _file_type(path: str) -> str:
     return FILE_TYPES[suffix]
 
 
+def _is_tsv(path: str) -> bool:
+    return Path(path).suffix.lower() == ".tsv"
+
+
 def _first_bad_row(path: str, kind: str) -> str:
     """Find where a file that failed to load goes wrong, to name the line in the error."""
     try:
@@ -56,7 +60,7 @@ def _first_bad_row(path: str, kind: str) -> str:
         elif kind == "csv":
             import pandas as pd
 
-            pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+            pd.read_csv(path, sep="\t" if _is_tsv(path) else ",")
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -85,7 +89,7 @@ def load_local_file(path: str):
             raise UserError(f"{path} holds no sentences; CoNLL files have one 'word tag' per line and a blank "
                             "line between sentences")
         return Dataset.from_list(rows)  # columns: tokens, tags
-    kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
+    kwargs = {"delimiter": "\t"} if _is_tsv(path) else {}
     try:
         return datasets.load_dataset(kind, data_files={"data": path}, split="data", **kwargs)
     except Exception as e:  # datasets wraps parser errors; find the row ourselves
@@ -165,6 +169,48 @@ def _is_missing(value) -> bool:
         (isinstance(value, str) and value.strip() == "")
 
 
+def label_key(value) -> str:
+    """A label's name: integers (also 3.0 from a float column) by their digits, anything else as text."""
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return str(value)
+
+
+def _label_column(cfg) -> str:
+    return cfg.tags_column if cfg.task == "token-classification" else cfg.label_column
+
+
+def _class_label(ds, column):
+    """The ClassLabel of a label column (of its items, for tag lists), or None."""
+    from datasets import ClassLabel
+
+    feature = ds.features.get(column)
+    feature = getattr(feature, "feature", feature)  # Sequence/List of tags
+    if isinstance(feature, list) and feature:
+        feature = feature[0]
+    return feature if isinstance(feature, ClassLabel) else None
+
+
+def label_values(ds, cfg, split: str):
+    """Each row's labels (a list per row for token classification) as they are in the data,
+    ClassLabel ids turned into their names; empty or NaN labels are an error naming the row."""
+    column = _label_column(cfg)
+    class_label = _class_label(ds, column)
+    for row, value in enumerate(ds[column]):
+        if cfg.task == "token-classification" and not isinstance(value, (list, tuple)):
+            raise UserError(f"the {split} data column {column!r} must hold a list of tags per "
+                            f"row (row {row} holds {value!r})")
+        values = value if cfg.task == "token-classification" else [value]
+        for v in values:
+            if _is_missing(v):
+                raise UserError(f"the {split} data has an empty or NaN label in row {row} "
+                                f"(column {column!r}); fill or drop that row")
+            if class_label is not None and not 0 <= int(v) < class_label.num_classes:
+                raise UserError(f"the {split} data has label {v} outside 0..{class_label.num_classes - 1} "
+                                f"(num_labels={class_label.num_classes})")
+        yield row, [class_label.int2str(int(v)) for v in values] if class_label is not None else values
+
+
 def infer_labels(splits: dict, cfg) -> LabelInfo:
     """Label names from the data (a ClassLabel's names, sorted strings, or 0..max for ints) and
     the class weights of ``--class_weights``."""
@@ -178,8 +224,10 @@ def infer_labels(splits: dict, cfg) -> LabelInfo:
 
 
 def _single_label_info(splits: dict, cfg) -> LabelInfo:
-    from datasets import ClassLabel, Sequence
-
+    """Label names: --label_names, else a ClassLabel's names, else the training split's
+    labels (sorted strings, or sorted integers: 1..5 are five classes "1".."5"). A label of
+    another split that is not among them is an error naming it (a typo, or a class that
+    would never be trained)."""
     if cfg.task == "regression":
         for split, ds in splits.items():
             values = ds[cfg.label_column]
@@ -189,58 +237,41 @@ def _single_label_info(splits: dict, cfg) -> LabelInfo:
                                 f"(column {cfg.label_column!r}); regression needs a number in every row")
         return LabelInfo(names=[])
 
-    column = cfg.tags_column if cfg.task == "token-classification" else cfg.label_column
-    feature = splits["train"].features[column] if "train" in splits else None
-    if cfg.task == "token-classification" and isinstance(feature, Sequence):
-        feature = feature.feature
-    elif cfg.task == "token-classification" and isinstance(feature, list):
-        feature = feature[0]
+    column = _label_column(cfg)
+    ref = "train" if "train" in splits else next(iter(splits))  # explore may look at one split
+    class_label = _class_label(splits[ref], column)
     if cfg.label_names:
         names = [n.strip() for n in cfg.label_names.split(",")]
-        allowed = set(names)
-        for split, ds in splits.items():
-            for row, value in enumerate(ds[column]):
-                for v in (value if cfg.task == "token-classification" else [value]):
-                    if str(v) not in allowed:
-                        raise UserError(f"the {split} data has label {v!r} in row {row}, which is not in "
-                                        f"--label_names ({', '.join(names)})")
-    elif isinstance(feature, ClassLabel):
-        names = list(feature.names)
+    elif class_label is not None:
+        names = list(class_label.names)
     else:
-        seen = set()
-        for split, ds in splits.items():
-            for row, value in enumerate(ds[column]):
-                values = value if cfg.task == "token-classification" else [value]
-                if cfg.task == "token-classification" and not isinstance(value, (list, tuple)):
-                    raise UserError(f"the {split} data column {column!r} must hold a list of tags per "
-                                    f"row (row {row} holds {value!r})")
-                for v in values:
-                    if _is_missing(v):
-                        raise UserError(f"the {split} data has an empty or NaN label in row {row} "
-                                        f"(column {column!r}); fill or drop that row")
-                    seen.add(v)
+        seen = {v for _, values in label_values(splits[ref], cfg, ref) for v in values}
         if all(isinstance(v, str) for v in seen):
             names = sorted(seen)
         elif all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in seen):
-            ints = sorted(int(v) for v in seen)
-            if ints[0] < 0:
-                raise UserError(f"label {ints[0]} in column {column!r} is negative; "
-                                "integer labels must be 0..num_labels-1")
-            names = [str(i) for i in range(ints[-1] + 1)]
+            ints = sorted({int(v) for v in seen})
+            if ints[0] < 0:  # -1 often marks "no label" (GLUE's test splits)
+                raise UserError(f"label {ints[0]} in column {column!r} is negative; integer labels are class "
+                                "numbers (0..N-1 or 1..N); drop unlabelled rows")
+            names = [str(i) for i in ints]
         else:
             raise UserError(f"column {column!r} mixes label types ({sorted({type(v).__name__ for v in seen})}); "
                             "use all strings or all integers")
     if len(names) < 2:
         raise UserError(f"column {column!r} has only {len(names)} distinct label(s); "
                         "classification needs at least 2")
-    if isinstance(feature, ClassLabel) and not cfg.label_names:  # hub ints: check range
-        for split, ds in splits.items():
-            values = ds[column]
-            flat = [v for row in values for v in row] if cfg.task == "token-classification" else values
-            bad = [v for v in flat if v is None or not (0 <= int(v) < len(names))]
-            if bad:
-                raise UserError(f"the {split} data has label {bad[0]} outside 0..{len(names) - 1} "
-                                f"(num_labels={len(names)})")
+    known = set(names)
+    for split, ds in splits.items():
+        for row, values in label_values(ds, cfg, split):
+            unknown = next((v for v in values if label_key(v) not in known), None)
+            if unknown is None:
+                continue
+            if cfg.label_names:
+                raise UserError(f"the {split} data has label {unknown!r} in row {row}, which is not in "
+                                f"--label_names ({', '.join(names)})")
+            raise UserError(f"the {split} data has label {unknown!r} in row {row}, which the {ref} data does "
+                            f"not have (its labels: {', '.join(names)}); fix the label, or declare the full set "
+                            "with --label_names")
     return LabelInfo(names=names)
 
 
@@ -322,8 +353,7 @@ def train_label_counts(train, cfg, names: list[str]) -> list[int]:
     if cfg.task == "multi-label-classification":
         counts = Counter(n for labels in label_sets(train, cfg, "train") for n in labels)
     else:
-        label2id = {n: i for i, n in enumerate(names)}
-        counts = Counter(names[_label_id(v, label2id, cfg)] for v in train[cfg.label_column])
+        counts = Counter(label_key(v) for _, values in label_values(train, cfg, "train") for v in values)
     return [counts.get(n, 0) for n in names]
 
 
@@ -343,20 +373,17 @@ def balanced_class_weights(counts: list[int], n_examples: int, multi_label: bool
     return [float(w) for w in compute_class_weight("balanced", classes=np.arange(len(counts)), y=ids)]
 
 
-def _label_id(value, label2id: dict, cfg) -> int:
-    lid = label2id[str(value)] if isinstance(value, str) or cfg.label_names else int(value)
-    if not 0 <= lid < len(label2id):
-        raise UserError(f"label {value!r} is outside 0..{len(label2id) - 1} (num_labels={len(label2id)})")
-    return lid
-
-
 # ------------------------------------------------------------------ tokenize
 def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
     """Tokenize every split once (datasets caches the result by fingerprint)."""
     pad_to_max = cfg.padding == "max_length"
     label2id = info.label2id
+    column = _label_column(cfg)
 
-    def encode_text(batch):
+    def label_id(value, class_label) -> int:  # infer_labels checked that every label has an id
+        return label2id[class_label.int2str(int(value)) if class_label is not None else label_key(value)]
+
+    def encode_text(batch, class_label=None):
         texts = batch[cfg.text_column]
         pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
         texts = ["" if t is None else str(t) for t in texts]
@@ -372,7 +399,7 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
             # binary cross-entropy is averaged over every (example, label) pair of a step
             enc["n_units"] = [float(len(info.names))] * len(texts)
         else:
-            enc["labels"] = [_label_id(v, label2id, cfg) for v in batch[cfg.label_column]]
+            enc["labels"] = [label_id(v, class_label) for v in batch[cfg.label_column]]
             # a class-weighted loss is averaged over the weights of the step's examples (as torch's
             # CrossEntropyLoss(weight=...) does over a batch), so each example counts its class's weight
             weights = info.class_weights or [1.0] * len(label2id)
@@ -380,12 +407,12 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
         enc["length"] = [sum(m) for m in enc["attention_mask"]]
         return enc
 
-    def encode_words(batch):
+    def encode_words(batch, class_label=None):
         enc = tokenizer(batch[cfg.tokens_column], is_split_into_words=True, truncation=True,
                         max_length=cfg.max_length, padding="max_length" if pad_to_max else False)
         all_labels = []
         for i, tags in enumerate(batch[cfg.tags_column]):
-            ids = [label2id[str(t)] if isinstance(t, str) or cfg.label_names else int(t) for t in tags]
+            ids = [label_id(t, class_label) for t in tags]
             all_labels.append(align_labels(enc.word_ids(i), ids, cfg.label_all_tokens))
         enc["labels"] = all_labels
         enc["n_units"] = [float(sum(1 for x in lab if x != IGNORE_INDEX)) for lab in all_labels]
@@ -400,9 +427,11 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo) -> dict:
                   {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
                    "label_column": cfg.label_column})
         check_columns(ds, needed, split)
+        kwargs = {"class_label": _class_label(ds, column)} if cfg.task not in ("regression",
+                                                                               "multi-label-classification") else {}
         if cfg.task == "multi-label-classification":  # the label lists, parsed once (CSV cells split)
             ds = ds.add_column("_label_set", label_sets(ds, cfg, split))
-        out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names,
+        out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
                             num_proc=cfg.preprocessing_num_workers, desc=f"tokenizing {split}")
     return out
 
@@ -585,8 +614,17 @@ def eval_dataloader(dataset, collator, batch_size: int, num_workers: int = 0):
 
 
 def data_fingerprint(cfg) -> Optional[str]:
-    """Identify the training data (for the checkpoint's config check)."""
-    if cfg.train_file and os.path.exists(cfg.train_file):
-        st = os.stat(cfg.train_file)
-        return f"{cfg.train_file}:{st.st_size}"
-    return cfg.dataset_name
+    """The content of the training and validation data (sha256 of the local files; the hub
+    data set's name and configuration), kept in a checkpoint: resuming on other data is refused."""
+    import hashlib
+
+    if cfg.dataset_name:
+        return f"{cfg.dataset_name}/{cfg.dataset_config_name or ''}"
+    digest = hashlib.sha256()
+    for path in (cfg.train_file, cfg.validation_file):
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        digest.update(b"\0")  # separates the files
+    return digest.hexdigest()

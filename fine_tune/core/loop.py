@@ -56,7 +56,9 @@ def _env_true(name: str) -> bool:
 def make_accelerator(cfg: TrainConfig):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
+
+    from fine_tune.core.ranks import process_group_kwargs
 
     use_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
     has_gpu = torch.cuda.is_available()
@@ -69,10 +71,9 @@ def make_accelerator(cfg: TrainConfig):
                         "on CPU use accelerate_configs/cpu_ddp.yaml or a DeepSpeed ZeRO config")
     if cfg.mixed_precision == "fp16" and not has_gpu:
         raise UserError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no)")
-    handlers = []
-    if not has_gpu and world > 1:
-        # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
+    # --ddp_timeout bounds every collective: a process that died or hangs ends the run.
+    handlers = [process_group_kwargs(cfg, backend="gloo" if not has_gpu and world > 1 else None)]
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -147,31 +148,24 @@ def device_peak_flops(cfg: TrainConfig):
     return None
 
 
-class StopSignal:
-    """Remember a stop request (TERM, INT, USR1, USR2); acted on at the next step boundary.
-    A second SIGINT (Ctrl-C twice) exits at once."""
+class EvaluationInterrupted(Exception):
+    """A stop signal arrived during an evaluation: it is abandoned (and redone on resume)."""
 
-    def __init__(self):
-        import signal
 
-        self.signum = None
-        self._interrupts = 0
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
+def stop_requested_anywhere(stop, accelerator) -> bool:
+    """Whether any process got a stop signal (all-reduced, so all processes answer alike)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    import torch
 
-    def _handle(self, signum, frame):
-        import signal
-
-        if signum == signal.SIGINT:
-            self._interrupts += 1
-            if self._interrupts > 1:
-                os._exit(130)
-        self.signum = signum
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")[0]) > 0
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=()) -> dict:
-    """Loss and metrics over the whole loader, each example counted once on any world size."""
+def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=(), stop=None) -> dict:
+    """Loss and metrics over the whole loader, each example counted once on any world size.
+    With ``stop``, a stop signal on any process ends it (EvaluationInterrupted) at the next batch."""
     import numpy as np
     import torch
 
@@ -183,6 +177,9 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
     no_grad = torch.no_grad() if accelerator.state.deepspeed_plugin else torch.inference_mode()
     with no_grad:
         for batch in loader:
+            if stop is not None and stop_requested_anywhere(stop, accelerator):
+                model.train()
+                raise EvaluationInterrupted
             weight, target = batch.pop("weight"), batch.pop("labels")
             logits = model(**batch).logits
             # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
@@ -215,7 +212,7 @@ def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics
         names = labels.names
         pred_tags = [[names[p] for p, g in zip(pr, gr) if g != -100] for pr, gr in zip(p_all, g_all)]
         true_tags = [[names[g] for g in gr if g != -100] for gr in g_all]
-        result.update(M.entity_metrics(pred_tags, true_tags))
+        result.update(M.entity_metrics(pred_tags, true_tags, names))
         flat_p, flat_g = [], []
         for pr, gr in zip(p_all, g_all):
             mask = gr != -100
@@ -249,8 +246,10 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: TrainConfig):
+        from fine_tune.core.signals import install_stop_handlers
+
         self.cfg = cfg
-        self.stop = StopSignal()
+        self.stop = install_stop_handlers()  # the entry point installed them already: the same object
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
         self.lock = None  # the output folder's lock (main process), held for the run's life
         self.prune_requested = False  # the eval hook said stop (main process); voted at the next step
@@ -264,10 +263,11 @@ class TrainingRun:
         from accelerate.utils import set_seed
 
         from fine_tune.core import checkpoint, data
-        from fine_tune.core.metrics import load_extra_metric
-        from fine_tune.core.model import load_model, load_tokenizer, parameter_counts
+        from fine_tune.core.metrics import extra_metric_outputs, load_extra_metric
+        from fine_tune.core.model import check_model_options, load_model, load_tokenizer, parameter_counts
         from fine_tune.core.optim import build_optimizer, build_scheduler
         from fine_tune.core.outputs import claim_output_dir
+        from fine_tune.core.ranks import injected_data_fault, peer_lost, raise_if_any_failed
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
@@ -276,22 +276,28 @@ class TrainingRun:
         self.world = world = accelerator.num_processes
         self.lock = claim_output_dir(accelerator, cfg)  # one run per folder, and every rank sees it
         resume_path = checkpoint.choose_resume(accelerator, cfg)  # rank 0's choice, for every rank
+        check_model_options(cfg)
         set_seed(cfg.seed)
         self.extra_metrics = [load_extra_metric(m) for m in cfg.extra_metric_names]
 
         self.tokenizer = load_tokenizer(cfg)
         error = None
-        with accelerator.main_process_first():  # tokenize once; the others read the cache
-            try:
-                splits = data.load_raw_splits(cfg)
-                if "train" not in splits:
-                    raise UserError("no training data: give --train_file or a --dataset_name with a train split")
-                self.labels = data.infer_labels(splits, cfg)
-                tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
-            except UserError as e:  # leave the block so the other ranks are not stuck at its barrier
-                error = e
-        if error is not None:
-            raise error
+        try:
+            with accelerator.main_process_first():  # tokenize once; the others read the cache
+                try:
+                    injected_data_fault()
+                    splits = data.load_raw_splits(cfg)
+                    if "train" not in splits:
+                        raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+                    self.labels = data.infer_labels(splits, cfg)
+                    tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
+                except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
+                    error = e
+        except Exception as e:  # noqa: BLE001 - its barrier: a process died, or did not come in time
+            raise (error or peer_lost(accelerator, e, "while loading the data")) from None
+        # every process learns whether any failed: all end now, each showing the failing one's error
+        raise_if_any_failed(accelerator, error, "while loading the data")
+        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, cfg.task))
         self.train_ds = train_ds = tokenized["train"]
         if len(train_ds) < world:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
@@ -331,6 +337,7 @@ class TrainingRun:
             checkpoint.load_checkpoint(accelerator, resume_path, state, self.scheduler)
             accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
                               f"(epoch {state.epoch}, step {state.step_in_epoch} of {self.steps_per_epoch})")
+        state.data_fingerprint = data.data_fingerprint(cfg)  # what the checkpoints of this run were trained on
         # every input (data, model, checkpoint) is checked by now: only from here on is the output
         # directory written, so a failed start never damages an earlier run
         if accelerator.is_main_process:
@@ -375,6 +382,13 @@ class TrainingRun:
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process or cfg.disable_tqdm)
         stop_reason = None
+        if state.pending_eval:  # a stop signal interrupted this step's evaluation: it comes first
+            state.pending_eval = False
+            if not self.evaluate_unless_stopped():
+                self.save_checkpoint()
+                return "signal"
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                stop_reason = "early stopping"
         while state.global_step < self.total_steps and stop_reason is None:
             for step in self.train_loader.iterate(state.epoch, state.step_in_epoch):
                 micro_batches = step.micro_batches
@@ -408,12 +422,15 @@ class TrainingRun:
                 if "validation" in self.eval_loaders and (
                         (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
                         or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    result = self.evaluate()
-                    new_best = state.best_step == state.global_step
-                    if self.eval_hook is not None:  # the evaluation's number is the same after a resume
-                        number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
-                            else state.epoch + 1
-                        self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
+                    result = self.evaluate_unless_stopped()
+                    if result is None:
+                        stop_votes = 1
+                    else:
+                        new_best = state.best_step == state.global_step
+                        if self.eval_hook is not None:  # the evaluation's number is the same after a resume
+                            number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
+                                else state.epoch + 1
+                            self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
                     if cfg.early_stopping_patience and \
                             state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = "early stopping"
@@ -513,7 +530,7 @@ class TrainingRun:
 
         cfg, state = self.cfg, self.state
         result = evaluate(self.model, self.eval_loaders["validation"], self.accelerator, cfg, self.labels,
-                          self.extra_metrics)
+                          self.extra_metrics, self.stop)
         result = {f"eval_{k}": v for k, v in result.items()}
         self.log_event(result)
         value = result.get(cfg.best_metric)
@@ -534,6 +551,16 @@ class TrainingRun:
         self.accelerator.print(f"step {state.global_step}: " + ", ".join(f"{k} {result[k]:.4f}" for k in shown))
         self.evals[state.global_step] = result
         return result
+
+    def evaluate_unless_stopped(self) -> dict | None:
+        """Evaluate; None if a stop signal interrupted it (it then runs first on resume)."""
+        try:
+            return self.evaluate()
+        except EvaluationInterrupted:
+            self.state.pending_eval = True
+            self.accelerator.print(f"evaluation of step {self.state.global_step} interrupted by the stop request; "
+                                   "it runs first on resume")
+            return None
 
     # ---------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:
@@ -577,7 +604,7 @@ class TrainingRun:
             results.update(self.evals[model_step])
         if "test" in self.eval_loaders:
             test = {f"test_{k}": v for k, v in evaluate(self.model, self.eval_loaders["test"], accelerator, cfg,
-                                                       self.labels, self.extra_metrics).items()}
+                                                       self.labels, self.extra_metrics, self.stop).items()}
             self.log_event(test)
             results.update(test)
         final_dir = Path(cfg.output_dir) / "final"
@@ -621,8 +648,16 @@ def run(cfg: TrainConfig) -> dict:
     try:
         training.setup()
         stop_reason = training.train()
-        results = None if stop_reason == "signal" else training.finish_pruned() if stop_reason == "pruned" \
-            else training.finish()
+        results = None
+        if stop_reason == "pruned":
+            results = training.finish_pruned()
+        elif stop_reason != "signal":
+            try:
+                results = training.finish()
+            except EvaluationInterrupted:  # the final evaluations: checkpoint, and they run on resume
+                training.accelerator.print("final evaluation interrupted by the stop request")
+                training.save_checkpoint()
+                stop_reason = "signal"
     except BaseException:
         if training.lock is not None:  # a run that failed has ended: the folder is free
             training.lock.release()

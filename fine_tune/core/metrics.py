@@ -14,6 +14,30 @@ import numpy as np
 from fine_tune.core.errors import UserError, first_line
 
 
+# The names of the metrics each task's evaluation produces (prefixed eval_/test_ by the loop).
+# The metric functions below return exactly these keys (checked in the tests), so that
+# --metric_for_best_model can be checked before any work.
+TASK_METRICS = {
+    "text-classification": ("loss", "accuracy", "precision_weighted", "recall_weighted", "f1_weighted",
+                            "precision_macro", "recall_macro", "f1_macro"),
+    "multi-label-classification": ("loss", "accuracy", "hamming_loss", "precision_micro", "recall_micro",
+                                   "f1_micro", "precision_macro", "recall_macro", "f1_macro"),  # and f1_<label>
+    "token-classification": ("loss", "precision", "recall", "f1", "accuracy"),  # and f1_<entity type>
+    "regression": ("loss", "mse", "mae", "pearson", "spearman"),
+}
+
+
+def metric_names(task: str, label_names=(), extra=()) -> list[str]:
+    """Every metric an evaluation of this task reports: the built-in ones, one F1 per entity
+    type for token classification, and the names the extra ``--metric`` metrics return."""
+    names = list(TASK_METRICS[task])
+    if task == "token-classification":
+        names += sorted({f"f1_{etype}" for etype in (split_tag(t)[1] for t in label_names) if etype})
+    elif task == "multi-label-classification":
+        names += [f"f1_{name}" for name in label_names]
+    return names + [n for n in extra if n not in names]
+
+
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
@@ -53,23 +77,45 @@ def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
+# Tag schemes: IOB1 and IOB2 (B-, I-), IOBES (B-, I-, E-, S-), BILOU (B-, I-, L-, U-: L is E
+# and U is S), and bare types ("PER", the IO scheme: a run of one type is one entity).
+_PREFIX = {"B": "B", "I": "I", "E": "E", "S": "S", "L": "E", "U": "S"}
+
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """('B'|'I'|'E'|'S'|'O', type) of a tag; a tag without a known prefix is a bare type (I-)."""
+    if tag == "O" or not tag:
+        return "O", ""
+    prefix, sep, etype = tag.partition("-")
+    if sep and prefix in _PREFIX and etype:
+        return _PREFIX[prefix], etype
+    return "I", tag
+
+
 def extract_entities(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) spans of a BIO/IOB tag sequence, as conlleval reads them:
-    an I- tag that does not continue an entity of its type starts a new one."""
-    spans, current = set(), None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, _, etype = tag.partition("-") if tag != "O" else ("O", "", "")
-        continues = current is not None and prefix == "I" and etype == current[0]
-        if current is not None and not continues:
-            spans.add((current[0], current[1], i))
-            current = None
-        if prefix in ("B", "I") and not continues:
-            current = (etype, i)
+    """(type, start, end) spans of a tag sequence by conlleval's rules (as seqeval's default
+    mode reads them): an entity ends after E/S or before a tag that starts another one; an
+    I or E that does not continue an entity of its type starts a new one."""
+    spans, start = set(), None
+    prev_tag, prev_type = "O", ""
+    for i, raw in enumerate(list(tags) + ["O"]):
+        tag, etype = split_tag(raw)
+        ends = prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O")) or \
+            (prev_tag != "O" and prev_type != etype)
+        starts = tag in ("B", "S") or (tag in ("I", "E") and prev_tag in ("E", "S", "O")) or \
+            (tag != "O" and prev_type != etype)
+        if start is not None and ends:
+            spans.add((prev_type, start, i))
+            start = None
+        if starts:
+            start = i
+        prev_tag, prev_type = tag, etype
     return spans
 
 
-def entity_metrics(pred_tags: list[list[str]], true_tags: list[list[str]]) -> dict:
-    """Entity-level precision/recall/F1 (micro, and per type) plus token accuracy."""
+def entity_metrics(pred_tags: list[list[str]], true_tags: list[list[str]], label_names=()) -> dict:
+    """Entity-level precision/recall/F1 (micro, and per type: every type of ``label_names``
+    and any other found) plus token accuracy."""
     tp, n_pred, n_true = Counter(), Counter(), Counter()
     correct = total = 0
     for pred, true in zip(pred_tags, true_tags):
@@ -92,7 +138,8 @@ def entity_metrics(pred_tags: list[list[str]], true_tags: list[list[str]]) -> di
     out = {}
     out["precision"], out["recall"], out["f1"] = prf(sum(tp.values()), sum(n_pred.values()), sum(n_true.values()))
     out["accuracy"] = correct / total if total else 0.0
-    for etype in sorted(set(n_true) | set(n_pred)):
+    types = {split_tag(t)[1] for t in label_names} - {""}
+    for etype in sorted(set(n_true) | set(n_pred) | types):
         _, _, f1 = prf(tp[etype], n_pred[etype], n_true[etype])
         out[f"f1_{etype}"] = f1
     return out
@@ -107,6 +154,20 @@ def load_extra_metric(name: str):
     except Exception as e:  # noqa: BLE001 - offline, unknown name, missing deps
         raise UserError(f"--metric {name}: could not load it with evaluate.load ({first_line(e)}). Offline, give a local "
                         "metric script path; accuracy, precision, recall and F1 are built in") from None
+
+
+def extra_metric_outputs(metrics, task: str) -> list[str]:
+    """The names the extra --metric metrics add to an evaluation (as the loop names them),
+    learnt by scoring two predictions: a metric that cannot score this task fails here, before work."""
+    names = []
+    for metric in metrics:
+        try:
+            computed = metric.compute(predictions=[0, 1], references=[0, 1])
+        except Exception as e:  # noqa: BLE001 - the metric's own checks
+            raise UserError(f"--metric {metric.name}: it cannot score {task} predictions ({first_line(e)})") from None
+        names += [f"{metric.name}_{k}" if k in TASK_METRICS[task] else k for k, v in (computed or {}).items()
+                  if isinstance(v, (int, float))]
+    return names
 
 
 def confusion(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> str:

@@ -7,8 +7,10 @@ reachable, a local folder otherwise, and ``all-MiniLM-L6-v2`` for the MiniLM shi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -83,22 +85,75 @@ def check_load_options(cfg) -> None:
                             "(pip install flash-attn); or use sdpa")
 
 
-def load_model(cfg, labels, tokenizer=None):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+def _model_class(task: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+
+
+def load_config(cfg):
+    """The model's config with --model_config_overrides applied (an unknown field is an error)."""
+    from transformers import AutoConfig
 
     check_load_options(cfg)
     name = resolve_model_path(cfg.model_name_or_path)
-    overrides = cfg.json_field("model_config_overrides")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _wrap_load_error(name, e) from None
-    for key, value in overrides.items():
+    for key, value in cfg.json_field("model_config_overrides").items():
         if not hasattr(config, key):
             match = difflib.get_close_matches(key, list(config.to_dict()), n=1)
             hint = f"; did you mean {match[0]!r}?" if match else ""
             raise UserError(f"--model_config_overrides: {config.model_type} configs have no field {key!r}{hint}")
         setattr(config, key, value)
+    return config
+
+
+def max_positions(config):
+    """How many tokens the model's position embeddings cover (None: no fixed limit). RoBERTa-like
+    models number positions from padding_idx + 1, so two of theirs are never used by tokens."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "bart", "mbart"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def check_model_options(cfg) -> None:
+    """What would fail (or go silently wrong) in the middle of a run, checked from the model's
+    config before any work: --max_length past the position embeddings, and overrides that
+    change a weight's shape (from_pretrained would re-initialise that weight at random)."""
+    import torch
+
+    config = load_config(cfg)
+    limit = max_positions(config)
+    if limit is not None and cfg.max_length > limit:
+        raise UserError(f"--max_length {cfg.max_length} is more than {cfg.model_name_or_path} can read: its "
+                        f"position embeddings cover {limit} tokens; use --max_length {limit} or less")
+    overrides = cfg.json_field("model_config_overrides")
+    if not overrides:
+        return
+    original = load_config(dataclasses.replace(cfg, model_config_overrides=None))
+    cls = _model_class(cfg.task)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            shapes = [{k: tuple(v.shape) for k, v in cls.from_config(c).state_dict().items()}
+                      for c in (original, config)]
+    except (ValueError, TypeError) as e:  # the config's own consistency checks
+        raise UserError(f"--model_config_overrides {json.dumps(overrides)}: {first_line(e)}") from None
+    changed = [k for k, shape in shapes[1].items() if k in shapes[0] and shapes[0][k] != shape]
+    if changed:
+        raise UserError(f"--model_config_overrides {json.dumps(overrides)} changes the shape of pre-trained "
+                        f"weights ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), which would "
+                        "then start from random values; override only fields that keep the shapes "
+                        "(dropout, for example)")
+
+
+def load_model(cfg, labels, tokenizer=None):
+    name = resolve_model_path(cfg.model_name_or_path)
+    config = load_config(cfg)
     if cfg.task == "regression":
         config.num_labels, config.problem_type = 1, "regression"
     else:
@@ -110,10 +165,11 @@ def load_model(cfg, labels, tokenizer=None):
             config.problem_type = "multi_label_classification"
     if tokenizer is not None and config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    cls = AutoModelForTokenClassification if cfg.task == "token-classification" else AutoModelForSequenceClassification
+    cls = _model_class(cfg.task)
     try:
         # a head of another size (a checkpoint fine-tuned on other labels) is re-initialised,
-        # as the labels of this data ask; transformers reports it in its load report
+        # as the labels of this data ask; transformers reports it in its load report. Overrides
+        # that change other shapes were refused by check_model_options.
         # (under DeepSpeed ZeRO-3 the Accelerator has made transformers' HfDeepSpeedConfig active, so
         # from_pretrained builds the model inside deepspeed.zero.Init: each rank holds only its shard)
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
