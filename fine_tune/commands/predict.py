@@ -47,7 +47,12 @@ def load(model_dir: str):
 
 
 def predict_batches(texts: list, tokenizer, model, task: str, batch_size: int = 64, max_length: int = 512):
-    """Predictions for texts (strings, or word lists for token classification), in input order."""
+    """Predictions for texts (strings, or word lists for token classification), in input order.
+
+    Not ``transformers.pipeline`` (which final/ loads, as the tests show): --text and --file share
+    this one batched path, predictions are per word for NER with the words past --max_length
+    reported as not scored (the pipeline drops them silently), and multi-label gives every
+    label's sigmoid score."""
     import torch
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths together

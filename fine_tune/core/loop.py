@@ -1,17 +1,23 @@
-"""The one training loop: setup -> train -> save, the same code on CPU, GPU, DDP, FSDP and DeepSpeed.
+"""The one training loop: setup -> train -> finish -> cleanup, the same code on CPU, GPU, DDP,
+FSDP and DeepSpeed. :class:`TrainingRun` holds the run's state; :func:`run` drives it.
 
 Features: manual gradient accumulation whose gradient equals the gradient of the mean loss
-over every example (or labelled token) of the optimizer step, across micro-batches and
-processes, a short last step included; bf16/fp16 autocast (fp16 with a gradient scaler that
+over every unit of the optimizer step (example, labelled token, (example, label) pair for
+multi-label, class weight with --class_weights), across micro-batches and processes, a short
+last step included; full fine-tuning or LoRA (peft); bf16/fp16 autocast (fp16 with a gradient scaler that
 skips overflowing steps); ``clip_grad_norm_`` once per optimizer step after unscaling;
 schedulers stepped once per optimizer update (plateau: once per evaluation); evaluation on
 predictions gathered from all processes without duplicates; best-metric tracking and early
-stopping; atomic checkpoints with exact mid-epoch resume; signals (TERM, INT, USR1, USR2)
-that make every process checkpoint at the same step and exit with ``EXIT_CHECKPOINTED``;
+stopping, and the best weights kept for final/ (--load_best_model_at_end); one run per
+output folder (a lock), atomic results and checkpoints that hold no pickle, with exact
+mid-epoch resume; signals (TERM, INT, USR1, USR2) that make every process checkpoint at the
+same step (also from inside an evaluation) and exit with ``EXIT_CHECKPOINTED``; a failure on
+one process ends all of them;
 an eval hook (``--eval_hook``, fine_tune.core.hooks) whose "stop" rides on the same vote, so
 that every process ends at the evaluated step ("pruned", no final model).
 
-Limits: one task per run (classification, token classification or regression); with
+Limits: one task per run (single- or multi-label classification, token classification or
+regression); FSDP needs GPUs (accelerate's plugin finds no device on CPU); with
 DeepSpeed the engine steps inside ``backward``, so a non-finite step under bf16/fp32 is
 caught after the update (fp16 overflow is skipped by DeepSpeed's own scaler).
 
