@@ -62,7 +62,6 @@ def _env_true(name: str) -> bool:
 def make_accelerator(cfg: TrainConfig):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
 
     from fine_tune.core.ranks import process_group_kwargs
 
@@ -84,9 +83,7 @@ def make_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=not has_gpu and not use_deepspeed,
-        log_with=cfg.trackers or None,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
-                                            logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
+        # no log_with: the trackers are ours (fine_tune.core.tracking), appended to accelerator.trackers
         kwargs_handlers=handlers,
     )
     seen = accelerator.num_processes
