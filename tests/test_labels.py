@@ -21,7 +21,7 @@ from conftest import ENV, LABELS, ROOT, WORDS, load_weights, read_metrics, relat
     run_train, train_args, write_jsonl
 
 TOLERANCE = 1e-4  # of the largest weight change, as in test_topologies.py
-# real-data margins, below what was measured (docs/labels.md)
+# real-data margins, below what was measured (docs/tasks.md)
 MULTILABEL_MIN_F1_MICRO = 0.15  # measured 0.213 after one epoch; both baselines score 0
 CLASS_WEIGHTS_MIN_GAIN = 0.08  # measured: +0.129 over both
 CUES = {"negative": "awful terrible", "neutral": "okay quite", "positive": "great lovely"}
@@ -307,7 +307,7 @@ def test_real_multilabel_entity_types_beat_the_baselines(tmp_path):
     """WNUT-2016 tweets labelled with the entity types they mention: the shipped recipe
     (balanced pos_weight) for one epoch. Both baselines predict no label here (the empty set
     is the most frequent set): micro F1 0 and subset accuracy = the share of test tweets
-    without entities (0.674; one epoch does not beat that, see docs/labels.md)."""
+    without entities (0.674; one epoch does not beat that, see docs/tasks.md)."""
     from fine_tune.commands.prepare_data import prepare_entity_types
 
     data = prepare_entity_types(ROOT / "data")
