@@ -107,6 +107,9 @@ class OutputLock:
 
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir) / LOCK_FILE
+        # the folders made for the lock alone: a start that fails before writing anything else
+        # removes them again (release), so bad input leaves no trace
+        self.created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # O_RDWR without O_TRUNC: the holder's name must survive until we own the lock
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -136,6 +139,13 @@ class OutputLock:
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)  # an empty file: released cleanly (the file itself stays)
+        if not any(p.name != LOCK_FILE for p in self.path.parent.iterdir()):
+            self.path.unlink(missing_ok=True)  # nothing else was written (a failed start): no trace left
+            for folder in self.created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
