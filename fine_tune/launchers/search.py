@@ -292,7 +292,11 @@ def owner_alive(attrs: dict) -> bool:
         return True  # another machine's local job: nothing here can tell
     import psutil
 
-    return psutil.pid_exists(int(attrs.get("pid", 0)))
+    pid = int(attrs.get("pid", 0))
+    try:  # a killed job's process is a zombie until its new parent reaps it: that is not alive
+        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def study_counts(folder: Path) -> dict:
