@@ -202,12 +202,15 @@ def test_non_list_json_label(tiny_model, tmp_path):
 
 def test_empty_label_column(tiny_model, tmp_path):
     train = [{"text": r["text"], "labels": []} for r in multilabel_rows(20, seed=1)]
-    _fails(tiny_model, tmp_path, train, multilabel_rows(5, seed=2), "holds no labels (every row is empty)", **MULTI)
+    line = _fails(tiny_model, tmp_path, train, multilabel_rows(5, seed=2), "holds no labels (every row is empty)",
+                  **MULTI)
+    assert "multi-label classification needs at least one label name" in line
 
 
 def test_class_weights_name_a_label(tiny_model, tmp_path):
-    _fails(tiny_model, tmp_path, imbalanced_rows(20, seed=1), imbalanced_rows(5, seed=2),
-           "--class_weights names label 'postive'", class_weights='{"postive": 2}')
+    line = _fails(tiny_model, tmp_path, imbalanced_rows(20, seed=1), imbalanced_rows(5, seed=2),
+                  "--class_weights names label 'postive'", class_weights='{"postive": 2}')
+    assert "which is not one of the labels" in line
 
 
 @pytest.mark.parametrize("flags, expected", [
