@@ -517,18 +517,19 @@ def _check_unknown(tokens: list[str]) -> None:
         raise ConfigError(f"unexpected argument {tok!r}: options are written --name value")
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, option: str = "--config", mapping: bool = True):
+    """A YAML file named by ``option`` (recipes, sweeps, searches), with one-line errors."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{option} {path}: no such file")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML: {first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must be a mapping of option: value")
+        raise ConfigError(f"{option} {path} is not valid YAML: {first_line(e)}") from None
+    if mapping and not isinstance(data, dict):
+        raise ConfigError(f"{option} {path} must be a mapping of option: value")
     return data
 
 

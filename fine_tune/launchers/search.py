@@ -77,16 +77,10 @@ class SearchSpec:
 
 
 def load_search(path: str | os.PathLike) -> SearchSpec:
-    import yaml
+    from fine_tune.core.config import load_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--search {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--search {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return search_from_dict(data, str(path), default_name=p.stem)
+    data = load_yaml(path, "--search", mapping=False)  # search_from_dict says what a search file holds
+    return search_from_dict(data, str(path), default_name=Path(path).stem)
 
 
 def search_from_dict(data: Any, where: str, default_name: str = "search") -> SearchSpec:

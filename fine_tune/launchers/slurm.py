@@ -393,15 +393,9 @@ def expand_sweep(path: str | os.PathLike) -> tuple[str, list[dict], dict]:
     flags every point gets (``fixed``)."""
     import itertools
 
-    import yaml
+    from fine_tune.core.config import load_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--sweep {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--sweep {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(path, "--sweep", mapping=False)  # the check below says what a sweep file holds
     unknown = set(data) - {"name", "grid", "random", "seed", "fixed"}
     if unknown or not isinstance(data.get("grid"), dict) or not data["grid"]:
         raise UserError(f"--sweep {path}: expected a mapping with 'grid' (flag: [values]) and optionally "
@@ -429,7 +423,7 @@ def expand_sweep(path: str | os.PathLike) -> tuple[str, list[dict], dict]:
                 break
     if not isinstance(fixed, dict):
         raise UserError(f"--sweep {path}: 'fixed' must be a mapping of flag: value")
-    return str(data.get("name") or p.stem), points, fixed
+    return str(data.get("name") or Path(path).stem), points, fixed
 
 
 def check_distinct_folders(points: list[dict]) -> None:
