@@ -189,13 +189,17 @@ def prepare_ner(data_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
+def read_splits(folder: Path) -> dict:
+    """A prepared data set's rows per split (the sets derived from another read it back)."""
+    return {s: [json.loads(line) for line in (folder / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()]
+            for s in SPLITS}
+
+
 def prepare_entity_types(data_dir: Path, force: bool = False) -> Path:
     out_dir = data_dir / "entity_types"
     if _is_ready(out_dir) and not force:
         return out_dir
-    ner_dir = prepare_ner(data_dir)
-    ner = {s: [json.loads(line) for line in open(ner_dir / f"{s}.jsonl", encoding="utf-8")] for s in SPLITS}
-    write_splits(build_entity_types(ner), out_dir)
+    write_splits(build_entity_types(read_splits(prepare_ner(data_dir))), out_dir)
     return out_dir
 
 
@@ -203,9 +207,7 @@ def prepare_strongly_negative(data_dir: Path, force: bool = False) -> Path:
     out_dir = data_dir / "strongly_negative"
     if _is_ready(out_dir) and not force:
         return out_dir
-    src = prepare_sentiment(data_dir)
-    rows = {s: [json.loads(line) for line in open(src / f"{s}.jsonl", encoding="utf-8")] for s in SPLITS}
-    write_splits(build_strongly_negative(rows), out_dir)
+    write_splits(build_strongly_negative(read_splits(prepare_sentiment(data_dir))), out_dir)
     return out_dir
 
 
