@@ -311,7 +311,9 @@ def merged_state_dict(peft_model, state_dict: dict) -> dict:
             a = merged.pop(f"{name}.lora_A.{adapter}.weight").float()
             b = merged.pop(f"{name}.lora_B.{adapter}.weight").float()
             delta = transpose(b @ a, layer.fan_in_fan_out) * layer.scaling[adapter]
-            merged[key] = (merged[key].float() + delta).to(merged[key].dtype)
+            # The merged copy goes to host memory at once (saving puts it there anyway): a second
+            # copy of nearly every weight must not land on a GPU that the training has filled.
+            merged[key] = (merged[key].float() + delta).to(dtype=merged[key].dtype, device="cpu")
     out = {}
     prefix = "base_model.model."
     for key, value in merged.items():
