@@ -1,10 +1,13 @@
 """Peak host memory per rank: full fine-tuning against LoRA, fp32 against bf16 weights, DDP against ZeRO-3.
 
-    python bench/large_models_memory.py                    # every case, a ~166M-parameter Llama
+    python bench/large_models_memory.py                    # the CPU cases, a 167M-parameter Llama
     python bench/large_models_memory.py --cases lora_fp32,lora_bf16 --layers 4
+    python bench/large_models_memory.py --size 0.5b --cases full_fp32_autocast,lora_bf16,fsdp2_full_bf16 \
+        --steps 20 --batch 16 --max_length 128                            # on one GPU
 
-A random Llama-style decoder classifier (hidden 1024, GQA, SwiGLU; the default MiniLM's
-WordPiece tokenizer, which has a pad token) is saved in bf16 to a temporary folder, then each case
+A random Llama-style decoder classifier (GQA, SwiGLU; 167m: 12 layers of 1024, 0.5b: the shape
+of Qwen2.5-0.5B; the default MiniLM's WordPiece tokenizer, which has a pad token) is saved in
+bf16 to a temporary folder, as decoder checkpoints on the hub are, then each case
 trains it for a few optimizer steps on the default sentiment data through train.py itself,
 in a fresh launcher process. The peak reported is the largest resident set of any process
 the case started (the kernel's ru_maxrss of waited-for children), so for two ranks it is the
@@ -12,9 +15,10 @@ peak of the larger rank. It covers loading, training and saving final/: under Ze
 is built inside deepspeed.zero.Init, so no rank ever holds the whole model. Next to it, the
 peak of rank 0 up to the last optimizer step (`peak_rss_mb` in metrics.jsonl): training alone.
 
-Prints a markdown table; the numbers depend on the machine (CPU, no GPU) but the ratios do
-not much. One case at a time: peaks are per process, so running them side by side is fine
-for the numbers but slow.
+Prints a markdown table; the numbers depend on the machine but the ratios do not much. On a
+GPU the table adds the loop's own peak GPU memory (torch's max_memory_allocated), tokens/s
+and MFU of the last step; `fsdp2_full_bf16` (FSDP2 in one process) needs a GPU. The cases run
+one after another.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,10 +47,16 @@ CASES = {
     "zero2_full_fp32": ("full fine-tune, fp32, ZeRO-2 2 processes", "deepspeed_zero2.yaml", 2, []),
     "zero3_full_fp32": ("full fine-tune, fp32, ZeRO-3 2 processes", "deepspeed_zero3.yaml", 2, []),
     "zero3_full_fp32_4": ("full fine-tune, fp32, ZeRO-3 4 processes", "deepspeed_zero3.yaml", 4, []),
+    "fsdp2_full_bf16": ("full fine-tune, fp32 weights, bf16 autocast, FSDP2 1 process (GPU)", "fsdp.yaml", 1,
+                        ["--mixed_precision", "bf16"]),
 }
+CPU_CASES = [name for name in CASES if name != "fsdp2_full_bf16"]
+# (hidden, intermediate, heads, key-value heads, layers): 167m is this page's CPU model;
+# 0.5b has Qwen2.5-0.5B's shape (24 layers of 896), with the MiniLM tokenizer's smaller vocabulary
+SIZES = {"167m": (1024, 2816, 16, 4, 12), "0.5b": (896, 4864, 14, 2, 24)}
 
 
-def save_model(folder: Path, layers: int) -> int:
+def save_model(folder: Path, size: str, layers: int | None) -> int:
     """A random Llama classifier with the MiniLM tokenizer; returns its parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
@@ -57,9 +66,11 @@ def save_model(folder: Path, layers: int) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
     torch.manual_seed(0)
     names = LABELS
+    hidden, intermediate, heads, kv_heads, default_layers = SIZES[size]
     model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers or default_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, num_labels=5, id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)}))
     n = sum(p.numel() for p in model.parameters())
@@ -68,7 +79,7 @@ def save_model(folder: Path, layers: int) -> int:
     return n
 
 
-def run_case(name: str, model: Path, out: Path, steps: int) -> dict:
+def run_case(name: str, model: Path, out: Path, steps: int, batch: int, max_length: int) -> dict:
     what, config, processes, flags = CASES[name]
     if config is None:
         launcher = [sys.executable, str(ROOT / "train.py")]
@@ -76,10 +87,10 @@ def run_case(name: str, model: Path, out: Path, steps: int) -> dict:
         launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                     str(ROOT / "accelerate_configs" / config), "--num_processes", str(processes),
                     "--main_process_port", "0", str(ROOT / "train.py")]
-    per_device = str(8 // processes)  # the same 8 sentences per optimizer step everywhere
+    per_device = str(batch // processes)  # the same sentences per optimizer step everywhere
     args = ["--model_name_or_path", str(model), "--train_file", str(ROOT / "data" / "sentiment" / "train.jsonl"),
             "--output_dir", str(out / name), "--max_steps", str(steps), "--per_device_train_batch_size", per_device,
-            "--max_length", "64", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
+            "--max_length", str(max_length), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
             "--max_eval_samples", "16", "--per_device_eval_batch_size", "8",
             "--disable_tqdm", "true", "--label_names", ",".join(LABELS), *flags]
     # A fixed mmap threshold gives every block over 128 KiB back to the system when it is freed;
@@ -102,15 +113,36 @@ def run_case(name: str, model: Path, out: Path, steps: int) -> dict:
     params = start_line.split("(", 1)[1].split(") on")[0]
     logs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "loss" in r]
-    return {"case": name, "what": what, "params": params, "train_peak_mib": steps[-1]["peak_rss_mb"],
-            "peak_mib": peak_kb / 1024, "seconds": seconds, "last_loss": steps[-1]["loss"]}
+    last = steps[-1]
+    return {"case": name, "what": what, "params": params, "train_peak_mib": last["peak_rss_mb"],
+            "peak_mib": peak_kb / 1024, "seconds": seconds, "last_loss": last["loss"],
+            "peak_gpu_mib": last.get("peak_gpu_mb"), "tokens_per_second": last.get("tokens_per_second"),
+            "mfu": last.get("mfu")}
+
+
+def print_table(rows: list[dict]) -> None:
+    gpu = any(r["peak_gpu_mib"] for r in rows)
+    extra = " peak GPU memory | tokens/s | MFU |" if gpu else ""
+    print(f"\n| case | parameters (start line) | peak RSS, rank 0, training | peak RSS, any rank, whole run |{extra}"
+          f" time |\n|---|---|---|---|{'---|---|---|' if gpu else ''}---|")
+    for r in rows:
+        cells = ""
+        if gpu:
+            gpu_mib, tokens, mfu = r["peak_gpu_mib"], r["tokens_per_second"], r["mfu"]
+            cells = (f" {f'{gpu_mib:,.0f} MiB' if gpu_mib else '-'} | {f'{tokens:,.0f}' if tokens else '-'} |"
+                     f" {f'{mfu:.1%}' if mfu is not None else '-'} |")
+        print(f"| {r['what']} | {r['params']} | {r['train_peak_mib']:,.0f} MiB | {r['peak_mib']:,.0f} MiB |{cells}"
+              f" {r['seconds']:.0f} s |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
-    p.add_argument("--layers", type=int, default=12, help="decoder layers (12: ~166M parameters)")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per case")
+    p.add_argument("--cases", default=",".join(CPU_CASES), help=f"comma list of: {', '.join(CASES)}")
+    p.add_argument("--size", default="167m", choices=SIZES, help="model shape")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers, if not the shape's own")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per case")
+    p.add_argument("--batch", type=int, default=8, help="sentences per optimizer step (split over the processes)")
+    p.add_argument("--max_length", type=int, default=64, help="tokens per sentence at most")
     args = p.parse_args()
     names = args.cases.split(",")
     unknown = sorted(set(names) - set(CASES))
@@ -119,20 +151,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n = save_model(tmp / "model", args.layers)
+        n = save_model(tmp / "model", args.size, args.layers)
         weights = sum(f.stat().st_size for f in (tmp / "model").glob("*.safetensors"))
-        print(f"model: random Llama, {args.layers} layers, {n / 1e6:.1f}M parameters, "
+        print(f"model: random Llama ({args.size}), {n / 1e6:.1f}M parameters, "
               f"{weights / 2**20:.0f} MiB of bf16 weights on disk", flush=True)
         rows = []
         for name in names:
-            rows.append(run_case(name, tmp / "model", tmp / "runs", args.steps))
+            rows.append(run_case(name, tmp / "model", tmp / "runs", args.steps, args.batch, args.max_length))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| case | parameters (start line) | peak RSS, rank 0, training | peak RSS, any rank, whole run "
-          "| time |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['what']} | {r['params']} | {r['train_peak_mib']:,.0f} MiB | {r['peak_mib']:,.0f} MiB "
-              f"| {r['seconds']:.0f} s |")
-
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
