@@ -135,7 +135,7 @@ def print_table(rows: list[dict]) -> None:
               f" {r['seconds']:.0f} s |")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(CPU_CASES), help=f"comma list of: {', '.join(CASES)}")
     p.add_argument("--size", default="167m", choices=SIZES, help="model shape")
@@ -143,6 +143,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per case")
     p.add_argument("--batch", type=int, default=8, help="sentences per optimizer step (split over the processes)")
     p.add_argument("--max_length", type=int, default=64, help="tokens per sentence at most")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     names = args.cases.split(",")
     unknown = sorted(set(names) - set(CASES))

@@ -5,6 +5,7 @@ link points to a file (and, with a #fragment, to a heading of it). In-process, n
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from pathlib import Path
 
@@ -37,9 +38,14 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     from fine_tune.core.config import build_parser as train_parser
     from fine_tune.launchers import slurm
 
+    # bench/ holds scripts, not a package: load the one with flags from its file
+    spec = importlib.util.spec_from_file_location("large_models_memory", ROOT / "bench" / "large_models_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
     return {"train.py": train_parser(), "prepare-data": prepare_data.build_parser(),
             "explore": explore.build_parser(), "predict": predict.build_parser(),
-            "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": slurm.build_parser()}
+            "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": slurm.build_parser(),
+            "bench/large_models_memory.py": memory.build_parser()}
 
 
 def known_flags() -> set[str]:
