@@ -9,11 +9,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup data demo test test-fast clean
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements-setup.txt requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# set-up's own tools first, pinned (pip, setuptools, wheel, setuptools_scm)
+	$(PY) -m pip install -q -r requirements-setup.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	# deepspeed builds from source against the torch above: no build isolation
+	# the sdists (deepspeed, seqeval) build against what is installed: deepspeed needs the
+	# torch above, and the pinned tools build the rest, so no build isolation
 	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -r requirements.txt
 	# the project itself, editable (a path entry, so a second checkout runs its own code): the `fine-tune` command
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
