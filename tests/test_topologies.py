@@ -1,12 +1,16 @@
 """One loop, every topology, the same numbers.
 
-Tiny BERT, dropout off, float32, the same data (61 examples: the last optimizer step is
+Tiny BERT whose config has dropout on, turned off by ``--model_config_overrides`` on every
+topology (as users make runs comparable; under ZeRO-3 the override check once failed),
+float32, the same data (61 examples: the last optimizer step is
 short and splits unevenly over two ranks) and the same *global* batch of 8. After 8
 optimizer steps the weights of every topology must match one process with batch 8 to
 TOLERANCE of the largest weight change. Real processes: `accelerate launch` with gloo,
 and a real DeepSpeed engine on its CPU accelerator.
 """
 
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -30,32 +34,57 @@ def reloaded(folder):
     return AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
 
 
+NO_DROPOUT = json.dumps({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):
+def dropout_model(tiny_model, tmp_path_factory):
+    """The tiny BERT with dropout 0.1 in its config (the runs turn it off by override)."""
+    from transformers import AutoConfig
+
+    out = tmp_path_factory.mktemp("dropout_model")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, out / f.name)
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
+    config.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(dropout_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topologies")
     files = small_files(tmp)
     out = tmp / "single_b8"
-    run_train(train_args(tiny_model, files, out, per_device_train_batch_size=8, max_steps=STEPS, learning_rate=LR))
-    return {"files": files, "tmp": tmp, "weights": reloaded(out / "final"), "init": reloaded(tiny_model),
+    run_train(compared_args(dropout_model, files, out, per_device_train_batch_size=8))
+    return {"files": files, "tmp": tmp, "weights": reloaded(out / "final"), "init": reloaded(dropout_model),
             "metrics": read_metrics(out)}
 
 
+def compared_args(model, files, out, **overrides):
+    """The compared runs' flags: 8 steps at LR, dropout off by override."""
+    return train_args(model, files, out, max_steps=STEPS, learning_rate=LR, model_config_overrides=NO_DROPOUT,
+                      **overrides)
+
+
+ZERO3_INIT_OFF = ["--zero3_init_flag", "false"]  # the model loads whole on each rank, then is sharded
 TOPOLOGIES = {
-    # name: (accelerate config, processes, per-device batch, accumulation)
-    "1 process, 4 x 2 accumulation": (None, None, 4, 2),
-    "2 processes (gloo), batch 4": ("cpu_ddp.yaml", 2, 4, 1),
-    "2 processes, 2 x 2 accumulation": ("cpu_ddp.yaml", 2, 2, 2),
-    "DeepSpeed ZeRO-2, 2 processes": ("deepspeed_zero2.yaml", 2, 4, 1),
-    "DeepSpeed ZeRO-3, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1),
+    # name: (accelerate config, processes, per-device batch, accumulation, extra launch flags)
+    "1 process, 4 x 2 accumulation": (None, None, 4, 2, []),
+    "2 processes (gloo), batch 4": ("cpu_ddp.yaml", 2, 4, 1, []),
+    "2 processes, 2 x 2 accumulation": ("cpu_ddp.yaml", 2, 2, 2, []),
+    "DeepSpeed ZeRO-2, 2 processes": ("deepspeed_zero2.yaml", 2, 4, 1, []),
+    "DeepSpeed ZeRO-3, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1, []),
+    "DeepSpeed ZeRO-3 without zero.Init, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1, ZERO3_INIT_OFF),
 }
 
 
 @pytest.mark.parametrize("name", list(TOPOLOGIES))
-def test_same_weights_as_one_process(name, reference, tiny_model):
-    config, nproc, bs, acc = TOPOLOGIES[name]
-    out = reference["tmp"] / name.replace(" ", "_").replace(",", "")
-    proc = run_train(train_args(tiny_model, reference["files"], out, per_device_train_batch_size=bs,
-                                gradient_accumulation_steps=acc, max_steps=STEPS, learning_rate=LR), config, nproc)
+def test_same_weights_as_one_process(name, reference, dropout_model):
+    config, nproc, bs, acc, launch = TOPOLOGIES[name]
+    out = reference["tmp"] / name.replace(" ", "_").replace(",", "").replace(".", "")
+    proc = run_train(compared_args(dropout_model, reference["files"], out, per_device_train_batch_size=bs,
+                          gradient_accumulation_steps=acc), config, nproc, extra_launch=launch)
     assert f"({nproc or 1} process(es) x {bs} x {acc} accumulation)" in proc.stdout
     weights = reloaded(out / "final")  # ZeRO-3: the gathered full weights, reloaded by from_pretrained
     assert max_change(reference["weights"], reference["init"]) > 6e-3  # it trained (8 steps of lr <= 3e-3)
@@ -64,6 +93,35 @@ def test_same_weights_as_one_process(name, reference, tiny_model):
     mine = [r["loss"] for r in read_metrics(out) if "loss" in r]
     ref = [r["loss"] for r in reference["metrics"] if "loss" in r]
     assert mine == pytest.approx(ref, rel=1e-4)
+
+
+START_UP_TOPOLOGIES = {
+    # every CPU topology config, as the start-up checks meet it
+    "1 process": (None, None, []),
+    "DDP": ("cpu_ddp.yaml", 2, []),
+    "ZeRO-2": ("deepspeed_zero2.yaml", 2, []),
+    "ZeRO-3": ("deepspeed_zero3.yaml", 2, []),
+    "ZeRO-3 without zero.Init": ("deepspeed_zero3.yaml", 2, ZERO3_INIT_OFF),
+}
+
+
+@pytest.mark.parametrize("name", list(START_UP_TOPOLOGIES))
+def test_start_up_checks_refuse_alike_on_every_topology(name, reference, dropout_model):
+    """The start-up checks that build or read a model before ``accelerator.prepare`` (the
+    override shape check builds the model on the meta device) refuse a shape-changing override
+    in one line on every topology, before the output folder exists; the valid override on each
+    topology is test_same_weights_as_one_process above."""
+    config, nproc, launch = START_UP_TOPOLOGIES[name]
+    out = reference["tmp"] / f"refused_{name.replace(' ', '_').replace('.', '')}"
+    flags = train_args(dropout_model, reference["files"], out, max_steps=1,
+                       model_config_overrides='{"hidden_size": 48}')
+    proc = run_train(flags, config, nproc, check=False, extra_launch=launch)
+    assert proc.returncode != 0
+    if config is None:
+        assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "changes the shape of pre-trained weights" in errors[0], proc.stderr[-3000:]
+    assert not out.exists()
 
 
 def test_two_emulated_nodes(reference, tiny_model):

@@ -7,7 +7,8 @@ reachable, a local folder otherwise, and ``all-MiniLM-L6-v2`` for the MiniLM shi
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
 import difflib
 import importlib.util
 import json
@@ -91,8 +92,9 @@ def _model_class(task: str):
     return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
 
 
-def load_config(cfg):
-    """The model's config with --model_config_overrides applied (an unknown field is an error)."""
+def load_config(cfg, overrides: bool = True):
+    """The model's config with --model_config_overrides applied (an unknown field is an error);
+    ``overrides=False``: the config as saved."""
     from transformers import AutoConfig
 
     check_load_options(cfg)
@@ -101,6 +103,12 @@ def load_config(cfg):
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _wrap_load_error(name, e) from None
+    return apply_config_overrides(config, cfg) if overrides else config
+
+
+def apply_config_overrides(config, cfg):
+    """--model_config_overrides set on a copy of ``config``; an unknown field is an error."""
+    config = copy.deepcopy(config)
     for key, value in cfg.json_field("model_config_overrides").items():
         if not hasattr(config, key):
             match = difflib.get_close_matches(key, list(config.to_dict()), n=1)
@@ -108,6 +116,33 @@ def load_config(cfg):
             raise UserError(f"--model_config_overrides: {config.model_type} configs have no field {key!r}{hint}")
         setattr(config, key, value)
     return config
+
+
+@contextlib.contextmanager
+def outside_deepspeed_zero3():
+    """Build models as if no DeepSpeed ZeRO-3 run were active. Under ZeRO-3 the Accelerator makes
+    transformers' HfDeepSpeedConfig active, and ``from_config`` then builds inside
+    ``deepspeed.zero.Init`` and initialises weights through DeepSpeed's gather path, which
+    cannot run on meta tensors ("Cannot copy out of meta tensor"). transformers offers
+    ``unset_hf_deepspeed_config`` but no way to put the same object back, hence its weak
+    reference is saved and restored here."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def weight_shapes(model_class, config) -> dict[str, tuple]:
+    """Every weight's shape for ``config``, built on the meta device: no memory, no
+    initialisation, the same on every topology."""
+    import torch
+
+    with outside_deepspeed_zero3(), torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in model_class.from_config(config).state_dict().items()}
 
 
 def max_positions(config):
@@ -125,9 +160,8 @@ def check_model_options(cfg) -> None:
     """What would fail (or go silently wrong) in the middle of a run, checked from the model's
     config before any work: --max_length past the position embeddings, and overrides that
     change a weight's shape (from_pretrained would re-initialise that weight at random)."""
-    import torch
-
-    config = load_config(cfg)
+    original = load_config(cfg, overrides=False)  # the config file is read once
+    config = apply_config_overrides(original, cfg)
     limit = max_positions(config)
     if limit is not None and cfg.max_length > limit:
         raise UserError(f"--max_length {cfg.max_length} is more than {cfg.model_name_or_path} can read: its "
@@ -135,12 +169,9 @@ def check_model_options(cfg) -> None:
     overrides = cfg.json_field("model_config_overrides")
     if not overrides:
         return
-    original = load_config(dataclasses.replace(cfg, model_config_overrides=None))
     cls = _model_class(cfg.task)
     try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            shapes = [{k: tuple(v.shape) for k, v in cls.from_config(c).state_dict().items()}
-                      for c in (original, config)]
+        shapes = [weight_shapes(cls, c) for c in (original, config)]
     except (ValueError, TypeError) as e:  # the config's own consistency checks
         raise UserError(f"--model_config_overrides {json.dumps(overrides)}: {first_line(e)}") from None
     changed = [k for k, shape in shapes[1].items() if k in shapes[0] and shapes[0][k] != shape]
