@@ -75,6 +75,10 @@ def test_malformed_json_and_csv_name_the_line(finished_run, tiny_model):
 def test_missing_column_lists_the_columns(finished_run, tiny_model):
     msg = expect_failure(finished_run, tiny_model, "has no column 'review'", text_column="review")
     assert "its columns are: text, label" in msg
+    # the label column too (it once ended in a datasets traceback); every option and split: unit/test_checks.py
+    msg = expect_failure(finished_run, tiny_model, "the train data has no column 'stars' (set by --label_column)",
+                         label_column="stars")
+    assert "its columns are: text, label" in msg
 
 
 def test_empty_nan_and_out_of_range_labels(finished_run, tiny_model):

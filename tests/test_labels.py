@@ -336,3 +336,30 @@ def test_real_class_weights_raise_macro_f1(tmp_path):
     majority_f1_macro = majority_share / (1 + majority_share)  # F1 of 'other' / 2; the rare class scores 0
     assert runs["balanced"]["test_f1_macro"] > runs["none"]["test_f1_macro"] + CLASS_WEIGHTS_MIN_GAIN, runs
     assert runs["balanced"]["test_f1_macro"] > majority_f1_macro + CLASS_WEIGHTS_MIN_GAIN, runs
+
+
+# ------------------------------------------------------------------ --max_train_samples keeps the label set
+@pytest.mark.parametrize("task", ["text-classification", "token-classification"])
+def test_a_subset_without_a_label_still_trains_every_label(task, tiny_model, tmp_path):
+    """The label set comes from the whole training split, then --max_train_samples picks rows:
+    the first 12 rows lack 'rare' (in the training file further down, and in validation), and
+    the run trains a model that knows every label, in the whole split's order."""
+    if task == "token-classification":
+        def row(tag):
+            return {"tokens": ["the", "word", "here"], "tags": ["O", tag, "O"]}
+        extra = {"task": task, "tokens_column": "tokens", "tags_column": "tags"}
+        expected = ["B-common", "B-rare", "O"]
+    else:
+        def row(tag):
+            return {"text": f"the word {tag}", "label": tag}
+        extra = {}
+        expected = ["common", "other", "rare"]
+    common = [row("B-common" if task == "token-classification" else ("common", "other")[i % 2]) for i in range(12)]
+    train = write_jsonl(tmp_path / "train.jsonl", common + [row("B-rare" if extra else "rare")] * 3)
+    validation = write_jsonl(tmp_path / "validation.jsonl", [row("B-rare" if extra else "rare"), common[0]])
+    out = tmp_path / "run"
+    run_train(train_args(tiny_model, {"train": train, "validation": validation}, out, max_steps=1,
+                         max_train_samples=12, per_device_train_batch_size=4, **extra))
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(len(expected))] == expected
+    assert json.loads((out / "config.yaml").read_text().split("max_train_samples: ")[1].split("\n")[0]) == 12

@@ -270,7 +270,7 @@ class TrainingRun:
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer, parameter_counts
         from fine_tune.core.optim import build_optimizer, build_scheduler
         from fine_tune.core.outputs import claim_output_dir
-        from fine_tune.core.ranks import injected_data_fault, peer_lost, raise_if_any_failed
+        from fine_tune.core.ranks import computed_on_main, injected_data_fault
         from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
@@ -284,28 +284,32 @@ class TrainingRun:
         self.extra_metrics = [load_extra_metric(m) for m in cfg.extra_metric_names]
 
         self.tokenizer = load_tokenizer(cfg)
-        error = None
-        try:
-            with accelerator.main_process_first():  # tokenize once; the others read the cache
-                try:
-                    injected_data_fault()
-                    splits = data.load_raw_splits(cfg)
-                    if "train" not in splits:
-                        raise UserError("no training data: give --train_file or a --dataset_name with a train split")
-                    self.labels = data.infer_labels(splits, cfg)
-                    tokenized = data.tokenize_splits(splits, self.tokenizer, cfg, self.labels)
-                except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
-                    error = e
-        except Exception as e:  # noqa: BLE001 - its barrier: a process died, or did not come in time
-            raise (error or peer_lost(accelerator, e, "while loading the data")) from None
-        # every process learns whether any failed: all end now, each showing the failing one's error
-        raise_if_any_failed(accelerator, error, "while loading the data")
+        timings = {}
+
+        def read():
+            injected_data_fault()
+            splits = data.load_raw_splits(cfg)
+            if "train" not in splits:
+                raise UserError("no training data: give --train_file or a --dataset_name with a train split")
+            return splits
+
+        splits = self.on_each_process(read, "while loading the data", timings, "reading")
+        # the labels of the whole training split, checked over whole columns on one process
+        started = time.perf_counter()
+        self.labels = computed_on_main(accelerator, lambda: data.infer_labels(splits, cfg),
+                                       "while checking the labels")
+        timings["labels"] = time.perf_counter() - started
+        splits = data.select_train_samples(splits, cfg)
+        tokenized = self.on_each_process(lambda: data.tokenize_splits(splits, self.tokenizer, cfg, self.labels),
+                                         "while tokenizing the data", timings, "tokenizing")
         cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, cfg.task))
         self.train_ds = train_ds = tokenized["train"]
         if len(train_ds) < world:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
                             "use fewer processes or more data")
+        started = time.perf_counter()
         model = load_model(cfg, self.labels, self.tokenizer)
+        timings["model"] = time.perf_counter() - started
         self.n_trainable, self.n_params = parameter_counts(model)
         # the training loss's class weights (evaluation reports the plain loss: unweighted, unsmoothed)
         self.class_weights = None if self.labels.class_weights is None else \
@@ -355,10 +359,31 @@ class TrainingRun:
         run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
                       "n_params": self.n_params, "n_trainable_params": self.n_trainable,
                       "steps_per_epoch": self.steps_per_epoch,
-                      "total_steps": self.total_steps}
+                      "total_steps": self.total_steps,
+                      # seconds per start-up part: where a slow start goes (reading, labels, tokenizing, model)
+                      "startup_seconds": {k: round(v, 3) for k, v in timings.items()}}
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
         self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
+
+    def on_each_process(self, work, stage: str, timings: dict, part: str):
+        """``work()`` on every process, the main one first (the others then read what it cached);
+        a failure on any process ends them all, each showing the failing one's error."""
+        from fine_tune.core.ranks import peer_lost, raise_if_any_failed
+
+        accelerator, result, error = self.accelerator, None, None
+        started = time.perf_counter()
+        try:
+            with accelerator.main_process_first():
+                try:
+                    result = work()
+                except Exception as e:  # noqa: BLE001 - leave the block: the other ranks wait at its barrier
+                    error = e
+        except Exception as e:  # noqa: BLE001 - its barrier: a process died, or did not come in time
+            raise (error or peer_lost(accelerator, e, stage)) from None
+        raise_if_any_failed(accelerator, error, stage)
+        timings[part] = time.perf_counter() - started
+        return result
 
     # ---------------------------------------------------------------- train
     def train(self) -> str | None:

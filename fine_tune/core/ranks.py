@@ -59,6 +59,31 @@ def raise_if_any_failed(accelerator, error: BaseException | None, stage: str) ->
         raise error
 
 
+def computed_on_main(accelerator, compute, stage: str):
+    """``compute()`` on the main process only; its result reaches every process (a broadcast),
+    and so does its failure: the main process raises its own error, the others one naming it."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = compute()
+        except Exception as e:  # noqa: BLE001 - every process must learn of it
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [result, None if error is None else one_line(error)]
+        try:
+            broadcast_object_list(box, from_process=0)
+        except Exception as e:  # noqa: BLE001 - a process died, or did not come within the timeout
+            raise (error or peer_lost(accelerator, e, stage)) from None
+        if error is None and box[1] is not None:
+            raise PeerFailed(f"process 0 failed {stage}: {box[1]}")
+        result = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def peer_lost(accelerator, error: BaseException, stage: str) -> PeerFailed:
     """The error of a collective that failed because another process died or did not come."""
     return PeerFailed(f"another process failed or did not answer {stage} within --ddp_timeout "

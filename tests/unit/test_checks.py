@@ -291,3 +291,42 @@ def test_first_signal_says_so_in_one_line_and_a_second_ctrl_c_aborts(capfd):
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 130 and "not aborted" not in proc.stdout
     assert proc.stderr.count("stop requested (SIGUSR1)") == 1
+
+
+# ------------------------------------------------------------------ columns
+COLUMN_OPTIONS = {
+    # task: the column options it reads, and a row that has every default column
+    "text-classification": (["text_column", "text_pair_column", "label_column"],
+                            {"text": "a b", "pair": "c", "label": "x"}),
+    "regression": (["text_column", "text_pair_column", "label_column"], {"text": "a b", "pair": "c", "label": 1.0}),
+    "multi-label-classification": (["text_column", "text_pair_column", "label_column"],
+                                   {"text": "a b", "pair": "c", "label": ["x"]}),
+    "token-classification": (["tokens_column", "tags_column"], {"tokens": ["a"], "tags": ["O"]}),
+}
+
+
+@pytest.mark.parametrize("task", list(COLUMN_OPTIONS))
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_every_column_option_missing_in_any_split_is_one_line(task, split, tmp_path):
+    """Each column option naming a column that one split lacks: a one-line error naming the
+    option, the split and the columns it has, before labels or tokens are read."""
+    options, row = COLUMN_OPTIONS[task]
+    files = {}
+    for name in ("train", "validation", "test"):
+        files[name] = write_jsonl(tmp_path / f"{name}.jsonl", [row, row])
+    base = ["--task", task, "--text_pair_column", "pair"] if task != "token-classification" else ["--task", task]
+    for name in ("train", "validation", "test"):
+        base += [f"--{name}_file", str(files[name])]
+    D.load_raw_splits(parse_args(base))  # every column present: no error
+    for option in options:
+        other = dict(row)
+        other.pop(row_key := {"text_column": "text", "text_pair_column": "pair", "label_column": "label",
+                              "tokens_column": "tokens", "tags_column": "tags"}[option])
+        write_jsonl(files[split], [other, other])
+        with pytest.raises(UserError) as caught:
+            D.load_raw_splits(parse_args(base))
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"the {split} data has no column {row_key!r} (set by --{option})" in message
+        assert "its columns are: " + ", ".join(other) in message
+        write_jsonl(files[split], [row, row])
