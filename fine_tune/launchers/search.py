@@ -41,7 +41,10 @@ import submitit
 
 from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.config import ConfigError, parse_args
+from fine_tune.core import plots
 from fine_tune.core.errors import UserError
+from fine_tune.core.runs import is_run_dir, load_run
+from fine_tune.core.tables import fmt_duration
 from fine_tune.launchers.slurm import (PREFIX, JobSpec, JobWatch, TrainingFailed, TrainJob, _has_flag, format_value,
                                        job_log, make_executor, point_flags, sbatch_text, slurm_state)
 
@@ -510,8 +513,6 @@ def importances(study) -> dict:
 
 def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[list]]:
     """Trials, best first: number, the values of the searched flags, objective, state, steps, wall time."""
-    from fine_tune.commands.compare import fmt_duration, is_run_dir, load_run
-
     params = list(spec.space)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -535,10 +536,7 @@ def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[l
 def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
     """Objective per trial with the best-so-far line (Optuna's optimization history, complete
     trials), and each pruned trial's last reported value as a grey cross."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plots.pyplot()  # the Agg backend, before Optuna's plotting imports pyplot
     import optuna.visualization.matplotlib as ovm
 
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
@@ -553,9 +551,7 @@ def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
     fig = ax.figure
     fig.set_size_inches(8, 4.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def report(folder: str | os.PathLike, write: bool = True) -> str:

@@ -877,15 +877,15 @@ def follow(sub: Submission, jobs: list, poll_s: float = 1.0) -> int:
 
 
 def print_comparison(run_dirs: list[Path]) -> None:
-    """The sweep's comparison table (fine_tune.commands.compare's)."""
-    from fine_tune.commands import compare
+    """The sweep's comparison table (the one `fine-tune compare` prints)."""
+    from fine_tune.core.comparison import table
 
     started = [d for d in run_dirs if (d / "config.yaml").exists()]  # a point that failed at start holds no run
     missing = sorted(d.name for d in run_dirs if d not in started)
     print(f"{PREFIX} comparison of {len(started)} runs" + (f" (no run in: {', '.join(missing)})" if missing else ""),
           flush=True)
     if started:
-        print(compare.table([str(d) for d in started]), flush=True)
+        print(table([str(d) for d in started]), flush=True)
 
 
 # ------------------------------------------------------------------ entry point
