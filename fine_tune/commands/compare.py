@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from fine_tune.core import plots
-from fine_tune.core.comparison import FORMATS, differing_options, render, resolve_metric, rows, table
+from fine_tune.core.comparison import FORMATS, differing_options, render, resolve_metric, rows
+from fine_tune.core.comparison import table  # noqa: F401 - compare.table, as the docstring shows
 from fine_tune.core.config import ConfigError, main_guard
 from fine_tune.core.errors import UserError, first_line
 from fine_tune.core.runs import Run, load_runs
