@@ -1,13 +1,13 @@
 """Compare runs: one row per run with the options that differ, eval metrics, speed; a plot.
 
-    python -m fine_tune.compare runs/lr-*                      # markdown table, best first
-    python -m fine_tune.compare runs/sweep --sort_by eval_f1_macro --format csv
-    python -m fine_tune.compare runs/a runs/b --plot compare.png
-    python -m fine_tune.compare --wandb my-team/fine_tune --group sweep-3
+    fine-tune compare runs/lr-*                      # markdown table, best first
+    fine-tune compare runs/sweep --sort_by eval_f1_macro --format csv
+    fine-tune compare runs/a runs/b --plot compare.png
+    fine-tune compare --wandb my-team/fine_tune --group sweep-3
 
 A run is an ``OUTPUT_DIR`` of ``train.py`` (``config.yaml`` + ``metrics.jsonl``); a folder that
 holds runs (a sweep's root) stands for all of them, and quoted globs are expanded here; a
-search's folder (``slurm/submit.py --search``) gets the search's report instead (trials,
+search's folder (``fine-tune submit --search``) gets the search's report instead (trials,
 best command line, importances, objective plot; fine_tune.launchers.search).
 The table shows only the options whose values differ between the runs, then the best and
 final value of the chosen eval metric (``--sort_by``, by default the runs'
@@ -52,10 +52,10 @@ def load_wandb_runs(path: str, group: Optional[str] = None, api=None) -> list[Ru
         if mode in ("offline", "disabled", "dryrun"):
             raise UserError(f"--wandb reads runs from the W&B server, but WANDB_MODE={mode}; unset it (and "
                             "have network access), or compare the local run folders: "
-                            "python -m fine_tune.compare OUTPUT_DIR ...")
+                            "fine-tune compare OUTPUT_DIR ...")
         if not reachable(wandb_url()):
             raise UserError(f"--wandb: cannot reach W&B at {wandb_url()} (no network?); compare the local run "
-                            "folders instead (python -m fine_tune.compare OUTPUT_DIR ...), or sync offline runs "
+                            "folders instead (fine-tune compare OUTPUT_DIR ...), or sync offline runs "
                             "with `wandb sync OUTPUT_DIR/wandb/offline-run-*` once online")
         try:
             import wandb
@@ -152,7 +152,7 @@ def plot(run_dirs: Iterable[str | os.PathLike], path: str | os.PathLike, sort_by
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fine_tune.compare", allow_abbrev=False,
+        prog="fine-tune compare", allow_abbrev=False,
         description="Compare training runs: one row per run with the options that differ, the best and final "
                     "eval metric, steps, wall time and samples/s; optionally a plot.")
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
@@ -178,11 +178,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.error = error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     if not args.run_dirs and not args.wandb:
-        raise ConfigError("give run folders (python -m fine_tune.compare runs/*) or --wandb ENTITY/PROJECT")
+        raise ConfigError("give run folders (fine-tune compare runs/*) or --wandb ENTITY/PROJECT")
     if args.group and not args.wandb:
         raise ConfigError("--group needs --wandb ENTITY/PROJECT")
     if len(args.run_dirs) == 1 and not args.wandb and (Path(args.run_dirs[0]) / "study.journal").is_file():
-        # a search's folder (slurm/submit.py --search): its trials, best command line, importances, plot
+        # a search's folder (fine-tune submit --search): its trials, best command line, importances, plot
         from fine_tune.launchers.search import report
 
         sys.stdout.write(report(args.run_dirs[0]))

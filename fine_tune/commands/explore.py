@@ -1,6 +1,6 @@
 """Look at the data before training: splits, labels, token lengths, tokenization.
 
-    python -m fine_tune.explore --train_file data/sentiment/train.jsonl \\
+    fine-tune explore --train_file data/sentiment/train.jsonl \\
         --validation_file data/sentiment/validation.jsonl --test_file data/sentiment/test.jsonl \\
         --show_tokens "Hello, how are you?" --plots plots/
 
@@ -60,7 +60,7 @@ LENGTH_PLOT = "token_lengths.png"
 # ------------------------------------------------------------------ options
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fine_tune.explore", allow_abbrev=False,
+        prog="fine-tune explore", allow_abbrev=False,
         description="Explore a data set before fine-tuning: splits, label distribution and baseline, token "
                     "lengths and a recommended --max_length, what tokenization does to a text. Takes the data "
                     "flags of train.py.")

@@ -1,7 +1,7 @@
 """Hyper-parameter search that learns: an Optuna study whose trials run as submitit job arrays
 (or locally), pruned through the loop, resumable after preemption.
 
-    python slurm/submit.py --search slurm/searches/sentiment.yaml [slurm options] -- [train flags]
+    fine-tune submit --search slurm/searches/sentiment.yaml [slurm options] -- [train flags]
 
 The search folder (the common ``--output_dir``) holds the study (``study.journal``, Optuna's
 journal file storage: no server, safe on a shared filesystem), a copy of the search file
@@ -460,7 +460,7 @@ def run_search(sub) -> int:
                   f"{o.array_parallelism or todo} at once (slurm)", flush=True)
             for job in jobs:
                 watch.add(job, f"job {job.job_id}", f"[{job.job_id}] ")
-            print(f"follow: tail -f {job_log(jobs[0])}    report: python -m fine_tune.compare {folder}", flush=True)
+            print(f"follow: tail -f {job_log(jobs[0])}    report: fine-tune compare {folder}", flush=True)
             if not o.wait:
                 return 0
         submitted = len(watch.jobs)

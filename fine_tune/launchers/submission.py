@@ -29,8 +29,8 @@ DEFAULT_ACCELERATE_CONFIG = "accelerate_configs/multi_node_ddp.yaml"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="slurm/submit.py",
-        usage="python slurm/submit.py [options] -- [train.py flags]",
+        prog="fine-tune submit",
+        usage="fine-tune submit [options] -- [train.py flags]",
         description="Submit train.py as a Slurm job through submitit: one task per node, each running its own "
                     "`accelerate launch`; requeued and resumed after preemption or a time limit. With --sweep, "
                     "one job array over a grid of train.py flags.",
@@ -155,7 +155,7 @@ def parse_submission(argv: list[str], stamp: Optional[str] = None) -> Submission
     opts = parse_options(own)
     for flag in ("expected_world_size",):
         if has_flag(train, flag):
-            raise UserError(f"--{flag} is set per job by slurm/submit.py; leave it out")
+            raise UserError(f"--{flag} is set per job by fine-tune submit; leave it out")
     accelerate_config = _resolve_config(opts.accelerate_config)
     base = parse_args(train)  # the train flags are checked before anything is submitted
     output_dir = Path(base.output_dir).resolve()
