@@ -10,7 +10,7 @@
 #   STEPS=320 BATCH=32 REPEATS=3 MODES=b,d bash bench/gpu_check.sh
 #
 # Needs the project's requirements (with a CUDA build of torch) and the default data
-# (made here by `python -m fine_tune.prepare_data` if missing). PEAK_FLOPS sets the device's
+# (made here by `fine-tune prepare-data` if missing). PEAK_FLOPS sets the device's
 # dense bf16 peak for MFU where the card is not one the loop knows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ else
   echo "warning: no nvidia-smi; the benchmark runs on whatever torch finds" >&2
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-[ -f data/sentiment/train.jsonl ] || "$PY" -m fine_tune.prepare_data
+[ -f data/sentiment/train.jsonl ] || "$PY" -m fine_tune prepare-data
 
 # bert-base-sized classifier for the 5 sentiment classes (names sorted, as the loop orders them)
 "$PY" - "$OUT/bert-base-random" <<'PYEOF'
@@ -35,7 +35,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from fine_tune.model import resolve_model_path
+from fine_tune.core.model import resolve_model_path
 
 torch.manual_seed(0)
 names = ["negative", "neutral", "positive", "very negative", "very positive"]
@@ -45,7 +45,7 @@ BertForSequenceClassification(config).save_pretrained(sys.argv[1])
 AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(sys.argv[1])  # BERT uncased vocab
 PYEOF
 
-"$PY" -m fine_tune.bench --model "$OUT/bert-base-random" --precision bf16 --best bf16,fused \
+"$PY" -m fine_tune bench --model "$OUT/bert-base-random" --precision bf16 --best bf16,fused \
   --modes "${MODES:-b,c,d,e,e+compile}" --steps "${STEPS:-160}" --warmup_steps "${WARMUP:-16}" --batch_size "${BATCH:-16}" \
   --repeats "${REPEATS:-2}" --eval_samples "${EVAL_SAMPLES:-1000}" --json "$OUT/gpu.json" ${PEAK_FLOPS:+--peak_flops "$PEAK_FLOPS"}
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Submit train.py to Slurm: `python slurm/submit.py [options] -- [train.py flags]`.
+"""Submit train.py to Slurm: `python slurm/submit.py [options] -- [train.py flags]`, the same
+command as `fine-tune submit` (its entry point is fine_tune/launchers/slurm.py).
 
-The launcher lives in fine_tune/launchers/slurm.py (also `fine-tune submit`, `python -m fine_tune.slurm`);
-`python slurm/submit.py --help` lists the options. Needs the package installed (`make setup`).
+`fine-tune submit --help` lists the options. Needs the package installed (`make setup`).
 """
 
 from fine_tune.launchers.slurm import main

@@ -149,7 +149,7 @@ def test_one_run_per_folder_and_a_dead_holders_lock_is_taken_over(setup, tiny_mo
 
 def test_sweep_points_that_share_a_folder_are_refused_at_submission(tmp_path):
     from fine_tune.core.errors import UserError
-    from fine_tune.launchers.slurm import parse_submission
+    from fine_tune.launchers.submission import parse_submission
 
     for grid, shown in [("learning_rate: [2.0e-5, 0.00002]", "point 1 (learning_rate: 2e-05) and point 2"),
                         ("wandb_tags: ['a b', a-b]", "point 1 (wandb_tags: a b) and point 2 (wandb_tags: a-b)")]:

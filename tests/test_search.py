@@ -136,7 +136,7 @@ def test_local_study_prunes_diverging_trials_and_its_best_command_reproduces_its
     again = json.loads((out / "best" / "eval_results.json").read_text())
     assert again["eval_loss"] == pytest.approx(best.value, abs=1e-6)
     # `compare SEARCH_FOLDER` gives the same report at any time
-    compare = subprocess.run([sys.executable, "-m", "fine_tune.compare", str(out)], cwd=ROOT, env=ENV,
+    compare = subprocess.run([sys.executable, "-m", "fine_tune", "compare", str(out)], cwd=ROOT, env=ENV,
                              capture_output=True, text=True, timeout=120)
     assert compare.returncode == 0 and compare.stdout.splitlines()[:10] == report.splitlines()[:10], compare.stderr
 

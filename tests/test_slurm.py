@@ -187,7 +187,7 @@ def test_dry_run_of_a_4_node_8_gpu_deepspeed_job_matches_the_golden_text(tmp_pat
 
 
 def test_sweep_files_expand_into_named_points(tmp_path):
-    from fine_tune.launchers.slurm import expand_sweep, point_name
+    from fine_tune.launchers.sweeps import expand_sweep, point_name
 
     name, points, fixed = expand_sweep(ROOT / "slurm" / "sweeps" / "lr_scheduler.yaml")
     assert name == "lr_scheduler" and len(points) == 6 and fixed == {"warmup_ratio": 0.06}
@@ -219,7 +219,7 @@ def test_bad_train_flags_and_sweeps_fail_before_anything_is_submitted(tmp_path):
 def test_a_task_that_sees_fewer_nodes_than_asked_fails_clearly(tmp_path, monkeypatch):
     import submitit
 
-    from fine_tune.launchers.slurm import JobSetupError, JobSpec, TrainJob
+    from fine_tune.launchers.job import JobSetupError, JobSpec, TrainJob
 
     class OneNode:
         job_id = raw_job_id = "42"

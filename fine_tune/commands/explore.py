@@ -1,6 +1,6 @@
 """Look at the data before training: splits, labels, token lengths, tokenization.
 
-    python -m fine_tune.explore --train_file data/sentiment/train.jsonl \\
+    fine-tune explore --train_file data/sentiment/train.jsonl \\
         --validation_file data/sentiment/validation.jsonl --test_file data/sentiment/test.jsonl \\
         --show_tokens "Hello, how are you?" --plots plots/
 
@@ -25,7 +25,8 @@ way training does. Prints:
 * ``--show_tokens TEXT``: tokens, ids, special tokens and the decoded round trip.
 
 ``--plots DIR`` writes ``label_distribution.png`` and ``token_lengths.png``; ``--json``
-prints the same facts as one JSON object.
+prints the same facts as one JSON object. This module gathers the facts; explore_report
+prints them and explore_plots draws them.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import json
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
-from fine_tune.core.tables import fmt_value, format_table
+from fine_tune.commands.explore_plots import write_plots
+from fine_tune.commands.explore_report import public, render
 from fine_tune.core.config import ConfigError, TrainConfig, config_from_dict, load_yaml, main_guard
 from fine_tune.core.errors import UserError
 
@@ -52,15 +53,12 @@ DATA_OPTIONS = (
 )
 IMBALANCE_RATIO = 3.0  # majority/minority at which explore recommends --class_weights balanced
 PERCENTILES = (90, 95, 99)
-EXAMPLE_CHARS = 110  # text shown per example in the terminal (JSON keeps the whole text)
-LABEL_PLOT = "label_distribution.png"
-LENGTH_PLOT = "token_lengths.png"
 
 
 # ------------------------------------------------------------------ options
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fine_tune.explore", allow_abbrev=False,
+        prog="fine-tune explore", allow_abbrev=False,
         description="Explore a data set before fine-tuning: splits, label distribution and baseline, token "
                     "lengths and a recommended --max_length, what tokenization does to a text. Takes the data "
                     "flags of train.py.")
@@ -446,243 +444,6 @@ def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
         "majority_baseline_accuracy": {k: _shares(v)[majority] for k, v in counts.items()},
         "examples": examples,
     }
-
-
-# ------------------------------------------------------------------ plots
-def write_plots(facts: dict, folder: str | Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    labels = facts["labels"]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-    # ---- label distribution
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    if labels["kind"] == "values":
-        for i, (name, values) in enumerate(labels["_values"].items()):
-            ax.hist(values, bins=40, histtype="stepfilled" if i == 0 else "step", alpha=0.5 if i == 0 else 1,
-                    density=True, color=colors[i % len(colors)], linewidth=1.6, label=f"{name} (n={len(values)})")
-        ax.axvline(labels["mean_baseline"]["prediction"], color="black", linestyle="--", linewidth=1,
-                   label=f"{facts['reference_split']} mean (the baseline prediction)")
-        ax.set(title="Label distribution", xlabel="label value", ylabel="density")
-    else:
-        names = list(labels["names"])
-        note = ""
-        if labels["kind"] == "tags" and "O" in names:
-            share_o = labels["shares"][facts["reference_split"]]["O"]
-            names.remove("O")
-            note = f" (O: {share_o:.1%} of {facts['reference_split']} tokens, not shown)"
-        splits = list(labels["counts"])
-        width = 0.8 / max(len(splits), 1)
-        x = np.arange(len(names))
-        for i, split in enumerate(splits):
-            shares = [100 * labels["shares"][split][n] for n in names]
-            bars = ax.bar(x + (i - (len(splits) - 1) / 2) * width, shares, width,
-                          label=f"{split} (n={sum(labels['counts'][split].values())})", color=colors[i % len(colors)])
-            if split == facts["reference_split"]:
-                for bar, n in zip(bars, names):
-                    ax.annotate(str(labels["counts"][split][n]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(x, names, rotation=30 if max((len(n) for n in names), default=0) > 8 else 0,
-                      ha="right" if max((len(n) for n in names), default=0) > 8 else "center")
-        unit = "tokens" if labels["kind"] == "tags" else "examples"
-        ax.set(title=f"Label distribution{note}", ylabel=f"% of {unit}")
-        if labels["kind"] == "classes":
-            base = labels["majority_baseline_accuracy"].get(facts["reference_split"])
-            ax.axhline(100 * base, color="black", linestyle=":", linewidth=1,
-                       label=f"majority class '{labels['majority_label']}' ({base:.1%})")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / LABEL_PLOT, dpi=110)
-    plt.close(fig)
-    written.append(str(out / LABEL_PLOT))
-
-    # ---- token lengths
-    info = facts["token_lengths"]
-    ref = facts["reference_split"]
-    lengths = facts["_lengths"][ref]
-    stats = info["splits"][ref]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    top = max(max(lengths), info["max_length"]) if lengths else info["max_length"]
-    bins = np.arange(0, top + 2, max(1, int(math.ceil((top + 1) / 60))))
-    ax.hist(lengths, bins=bins, color=colors[0], alpha=0.8, label=f"{ref} (n={len(lengths)})")
-    ax.axvline(info["max_length"], color="red", linewidth=2,
-               label=f"--max_length {info['max_length']}: {_pct(stats['truncated_share'])} truncated")
-    rec = info["recommended_max_length"]
-    if rec != info["max_length"]:
-        ax.axvline(rec, color="green", linewidth=1.5, linestyle="--",
-                   label=f"recommended {rec} (p99 = {stats['p99']:.1f})")
-    ax.axvline(stats["median"], color="black", linewidth=1, linestyle=":", label=f"median {stats['median']:g}")
-    ax.set(title=f"Token lengths under {facts['tokenizer']} (special tokens included)",
-           xlabel="tokens per example", ylabel="examples")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / LENGTH_PLOT, dpi=110)
-    plt.close(fig)
-    written.append(str(out / LENGTH_PLOT))
-    return written
-
-
-# ------------------------------------------------------------------ printing
-def public(facts: dict) -> dict:
-    """The facts without the raw arrays kept for the plots."""
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if not str(k).startswith("_")}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-    return clean(facts)
-
-
-def _short(text: str, n: int = EXAMPLE_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def _pct(share: float) -> str:
-    if share == 0:
-        return "0%"
-    return f"{100 * share:.2f}%" if share < 0.001 else f"{100 * share:.1f}%"
-
-
-def _num(value) -> str:
-    """Token statistics: integers as such, other values with one decimal."""
-    if value is None:
-        return "-"
-    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
-
-
-def _render_advice(advice: dict) -> str:
-    weights = ", ".join(f"{k} {v:.3g}" for k, v in advice["balanced"].items())
-    return (f"imbalanced ({advice['why']}): consider --class_weights balanced, which would weigh the loss by "
-            f"{weights}\n")
-
-
-def render(facts: dict) -> str:
-    out = []
-    splits = facts["splits"]
-    ref = facts["reference_split"]
-    labels = facts["labels"]
-    out.append(f"Data: {facts['task']}, columns {', '.join(facts['columns'])}")
-    out.append(format_table(["split", "examples"], [[k, v] for k, v in splits.items()]))
-
-    names = list(splits)
-    if labels["kind"] in ("classes", "tags"):
-        what = "Labels" if labels["kind"] == "classes" else "Tags (per token)"
-        out.append(f"{what}: {len(labels['names'])}")
-        rows = [[label] + [f"{labels['counts'][s][label]} ({_pct(labels['shares'][s][label])})" for s in names]
-                for label in labels["names"]]
-        header = "label" if labels["kind"] == "classes" else "tag"
-        out.append(format_table([header] + names, rows, numeric=[False] + [True] * len(names)))
-        ratio = labels["imbalance_ratio"]
-        ratio_text = f"{ratio:.2f}" if ratio is not None else "inf (a label never occurs)"
-        out.append(f"imbalance ratio ({ref}, majority/minority): {ratio_text} "
-                   f"('{labels['majority_label']}' / '{labels['minority_label']}')")
-        if labels.get("missing_in_reference"):
-            out.append(f"labels absent from {ref}: {', '.join(labels['missing_in_reference'])}")
-        base = ", ".join(f"{v:.4f} on {k}" for k, v in labels["majority_baseline_accuracy"].items())
-        unit = "token accuracy" if labels["kind"] == "tags" else "accuracy"
-        out.append(f"majority-class baseline (always '{labels['majority_label']}'): {unit} {base}\n")
-        if labels.get("class_weights", {}).get("recommended"):
-            out.append(_render_advice(labels["class_weights"]))
-        if labels["kind"] == "tags":
-            ent_names = list(dict.fromkeys(k for s in names for k in labels["entities"][s]))
-            if ent_names:
-                out.append("Entities (spans)")
-                out.append(format_table(["entity"] + names, [[e] + [labels["entities"][s].get(e, 0) for s in names]
-                                                              for e in ent_names]))
-            w = labels["words_per_sentence"]
-            out.append("Words per sentence")
-            out.append(format_table(["stat"] + names, [[k] + [_num(w[s].get(k)) for s in names] for k in
-                                                        ("min", "median", "mean", "p95", "max")],
-                                    numeric=[False] + [True] * len(names)))
-            out.append("sentences without entities: "
-                       + ", ".join(f"{_pct(v)} of {k}" for k, v in labels["sentences_without_entities"].items()) + "\n")
-    elif labels["kind"] == "label_sets":
-        out.append(f"Labels: {len(labels['names'])} (an example may carry several; counts are examples)")
-        rows = [[label] + [f"{labels['counts'][s][label]} ({_pct(labels['shares'][s][label])})" for s in names]
-                for label in labels["names"]]
-        out.append(format_table(["label"] + names, rows, numeric=[False] + [True] * len(names)))
-        sizes = sorted({k for s in names for k in labels["set_sizes"][s]})
-        out.append("Labels per example")
-        rows = [[str(k)] + [labels["set_sizes"][s].get(k, 0) for s in names] for k in sizes]
-        rows.append(["mean"] + [f"{labels['mean_labels_per_example'][s]:.3f}" for s in names])
-        out.append(format_table(["labels"] + names, rows, numeric=[False] + [True] * len(names)))
-        top = labels["most_frequent_set"]
-        for title, key in (("all-negative baseline (no label ever)", "all_negative_baseline"),
-                           (f"most-frequent-set baseline (always {{{', '.join(top)}}})", "most_frequent_set_baseline")):
-            b = labels[key]
-            out.append(f"{title}: " + "; ".join(
-                f"{s}: subset accuracy {b[s]['accuracy']:.4f}, Hamming loss {b[s]['hamming_loss']:.4f}, "
-                f"micro F1 {b[s]['f1_micro']:.4f}" for s in names))
-        out.append("")
-        if labels["class_weights"]["recommended"]:
-            out.append(_render_advice(labels["class_weights"]))
-    else:
-        out.append("Label values")
-        st = labels["stats"]
-        out.append(format_table(["stat"] + names, [[k] + [st[s][k] for s in names] for k in
-                                                    ("count", "mean", "std", "min", "p25", "median", "p75", "max")]))
-        b = labels["mean_baseline"]
-        out.append(f"mean baseline (always predict {b['prediction']:.4f}, the {ref} mean): MSE "
-                   + ", ".join(f"{v:.4f} on {k}" for k, v in b["mse"].items()) + "\n")
-
-    tl = facts["token_lengths"]
-    out.append(f"Token lengths under {facts['tokenizer']} (special tokens included)")
-    stat_rows = [[k] + [_num(tl["splits"][s].get(k)) for s in names]
-                 for k in ("min", "median", "mean", "p90", "p95", "p99", "max")]
-    stat_rows.append([f"> --max_length {tl['max_length']}"] +
-                     [f"{tl['splits'][s]['truncated']} ({_pct(tl['splits'][s]['truncated_share'])})" for s in names])
-    stat_rows.append(["unknown tokens"] + [_pct(tl["splits"][s]["unknown_token_share"]) for s in names])
-    out.append(format_table(["tokens"] + names, stat_rows, numeric=[False] + [True] * len(names)))
-    limit = f", the model accepts {tl['model_max_length']}" if tl["model_max_length"] else ""
-    out.append(f"recommended --max_length: {tl['recommended_max_length']} "
-               f"(covers the {ref} p99 of {fmt_value(tl['splits'][ref]['p99'])} tokens, a multiple of 8{limit}); "
-               f"now {tl['max_length']}\n")
-
-    if labels["kind"] in ("classes", "label_sets") and labels["examples"]:
-        n = max(len(v) for v in labels["examples"].values())
-        out.append(f"Examples ({ref}, first {n} of each label)")
-        rows = [[label, _short(t)] for label, texts in labels["examples"].items() for t in texts]
-        out.append(format_table(["label", "text"], rows))
-    elif labels["kind"] == "values" and labels["examples"]:
-        out.append(f"Examples ({ref})")
-        out.append(format_table(["label", "text"], [[e["label"], _short(e["text"])] for e in labels["examples"]]))
-    elif labels["kind"] == "tags" and labels["examples"]:
-        out.append(f"Examples with entities ({ref}; word/TAG, O words bare)")
-        out.extend(f"  {_short(e, 160)}" for e in labels["examples"])
-        out.append("")
-
-    tok = facts.get("tokenization")
-    if tok:
-        out.append(f"Tokenization of {tok['text']!r}: {tok['num_tokens']} tokens")
-        per_line = 10
-        for start in range(0, len(tok["tokens"]), per_line):
-            toks, ids = tok["tokens"][start:start + per_line], tok["ids"][start:start + per_line]
-            widths = [max(len(str(t)), len(str(i))) for t, i in zip(toks, ids)]
-            out.append("  token  " + "  ".join(str(t).ljust(w) for t, w in zip(toks, widths)))
-            out.append(("  id     " + "  ".join(str(i).ljust(w) for i, w in zip(ids, widths))).rstrip())
-        specials = ", ".join(f"{t}={i}" for t, i in tok["special_tokens"].items())
-        out.append(f"special tokens added: {' '.join(tok['special_tokens_in_text']) or 'none'}  "
-                   f"(the tokenizer's special tokens: {specials})")
-        out.append(f"decoded:                        {tok['decoded']}")
-        out.append(f"decoded without special tokens: {tok['decoded_without_special_tokens']}")
-        out.append(f"round trip: {tok['round_trip']}" +
-                   (f"; {tok['unknown_tokens']} unknown token(s)" if tok["unknown_tokens"] else "") + "\n")
-    if facts.get("plots"):
-        out.append("plots: " + ", ".join(facts["plots"]))
-    return "\n".join(out).rstrip() + "\n"
 
 
 @main_guard

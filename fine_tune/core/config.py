@@ -181,7 +181,7 @@ class TrainConfig:
     eval_hook: Optional[str] = _opt(
         None, "MODULE:FACTORY called after each evaluation on the main process: FACTORY(config) returns a "
         "function (step, evaluation, metrics) -> bool, and true stops the run on every rank at the next optimizer "
-        "step with status 'pruned' (slurm/submit.py --search sets it to report to the search's trial)",
+        "step with status 'pruned' (fine-tune submit --search sets it to report to the search's trial)",
         group="evaluation")
     multilabel_threshold: float = _opt(
         0.5, "multi-label: a label is predicted when its sigmoid score is at least this", group="evaluation")

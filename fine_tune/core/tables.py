@@ -69,3 +69,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], fmt: str = "t
         lines = [join([str(h) for h in headers], "  ").rstrip(), "  ".join("-" * w for w in widths)]
         lines += [join(r, "  ").rstrip() for r in cells]
     return "\n".join(lines) + "\n"
+
+
+def fmt_duration(seconds: Optional[float]) -> str:
+    """A wall time as 1h02m, 3m05s or 42s ("-" when unknown)."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

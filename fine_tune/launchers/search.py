@@ -1,7 +1,7 @@
 """Hyper-parameter search that learns: an Optuna study whose trials run as submitit job arrays
 (or locally), pruned through the loop, resumable after preemption.
 
-    python slurm/submit.py --search slurm/searches/sentiment.yaml [slurm options] -- [train flags]
+    fine-tune submit --search slurm/searches/sentiment.yaml [slurm options] -- [train flags]
 
 The search folder (the common ``--output_dir``) holds the study (``study.journal``, Optuna's
 journal file storage: no server, safe on a shared filesystem), a copy of the search file
@@ -33,17 +33,21 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import submitit
 
 from fine_tune import EXIT_CHECKPOINTED
-from fine_tune.core.config import ConfigError, parse_args
+from fine_tune.core import plots
 from fine_tune.core.errors import UserError
-from fine_tune.launchers.slurm import (PREFIX, JobSpec, JobWatch, TrainingFailed, TrainJob, _has_flag, format_value,
-                                       job_log, make_executor, point_flags, sbatch_text, slurm_state)
+from fine_tune.core.runs import is_run_dir, load_run
+from fine_tune.core.tables import fmt_duration
+from fine_tune.launchers.follow import JobWatch, job_log, slurm_state
+from fine_tune.launchers.job import PREFIX, JobSpec, TrainingFailed, TrainJob
+from fine_tune.launchers.search_spec import SearchSpec, distributions, make_pruner, make_sampler, search_from_dict
+from fine_tune.launchers.submission import make_executor, sbatch_text
+from fine_tune.launchers.sweeps import format_value, has_flag, point_flags
 
 STUDY_FILE = "study.journal"
 SEARCH_COPY = "search.yaml"
@@ -51,167 +55,9 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "objective.png"
 STUDY_NAME = "search"
 HOOK = "fine_tune.launchers.search:trial_reporter"
-DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "none")
 # Slurm states in which a job may still run (or run again): its trial is not an orphan
 LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
                      "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
-
-
-# ------------------------------------------------------------------ the search file
-@dataclass
-class SearchSpec:
-    """A search file (slurm/searches/*.yaml), checked."""
-    space: dict  # train flag -> {distribution: arguments}
-    metric: str = "eval_accuracy"
-    direction: str = "maximize"
-    trials: int = 20
-    sampler: dict = field(default_factory=lambda: {"name": "tpe", "seed": 0})
-    pruner: dict = field(default_factory=lambda: {"name": "median"})
-    name: str = "search"
-
-    def to_dict(self) -> dict:
-        return {"search": self.space, "objective": {"metric": self.metric, "direction": self.direction},
-                "trials": self.trials, "sampler": self.sampler, "pruner": self.pruner, "name": self.name}
-
-
-def load_search(path: str | os.PathLike) -> SearchSpec:
-    from fine_tune.core.config import load_yaml
-
-    data = load_yaml(path, "--search", mapping=False)  # search_from_dict says what a search file holds
-    return search_from_dict(data, str(path), default_name=Path(path).stem)
-
-
-def search_from_dict(data: Any, where: str, default_name: str = "search") -> SearchSpec:
-    def bad(message: str):
-        raise UserError(f"--search {where}: {message}")
-
-    if not isinstance(data, dict):
-        bad("expected a mapping with 'search', 'objective', 'trials', 'sampler', 'pruner'")
-    unknown = set(data) - {"search", "objective", "trials", "sampler", "pruner", "name"}
-    if unknown:
-        bad(f"unknown keys {sorted(unknown)}; expected search, objective, trials, sampler, pruner, name")
-    space = data.get("search")
-    if not isinstance(space, dict) or not space:
-        bad("'search' must map train flags to distributions, e.g. learning_rate: {log_uniform: [1.0e-5, 1.0e-3]}")
-    for key, spec in space.items():
-        kind, args = (next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, None))
-        if kind not in DISTRIBUTIONS:
-            bad(f"{key}: give one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
-        if kind == "choice":
-            if not isinstance(args, list) or not args:
-                bad(f"{key}: choice needs a non-empty list of values")
-        elif not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
-                  and args[0] < args[1]):
-            bad(f"{key}: {kind} needs [low, high] with low < high")
-        elif kind == "log_uniform" and args[0] <= 0:
-            bad(f"{key}: log_uniform bounds must be > 0")
-        elif kind == "int_uniform" and not all(float(a).is_integer() for a in args):
-            bad(f"{key}: int_uniform bounds must be integers")
-    objective = data.get("objective") or {}
-    if not isinstance(objective, dict) or set(objective) - {"metric", "direction"}:
-        bad("'objective' must be {metric: eval_accuracy, direction: maximize}")
-    metric = str(objective.get("metric", "eval_accuracy"))
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    direction = objective.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        bad(f"objective direction {direction!r}: use maximize or minimize")
-    trials = data.get("trials", 20)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        bad(f"trials must be a positive integer, not {trials!r}")
-    sampler = data.get("sampler") or {}
-    sampler = {"name": sampler} if isinstance(sampler, str) else sampler
-    if not isinstance(sampler, dict) or sampler.get("name", "tpe") not in SAMPLERS or set(sampler) - {"name", "seed"}:
-        bad(f"sampler must be {{name: {'|'.join(SAMPLERS)}, seed: N}}")
-    sampler = {"name": sampler.get("name", "tpe"), "seed": int(sampler.get("seed", 0))}
-    if sampler["name"] == "grid" and any(next(iter(s)) not in ("choice", "int_uniform") for s in space.values()):
-        bad("the grid sampler needs choice (or int_uniform) entries only")
-    pruner = data.get("pruner") or {}
-    pruner = {"name": pruner} if isinstance(pruner, str) else pruner
-    if not isinstance(pruner, dict) or pruner.get("name", "median") not in PRUNERS \
-            or set(pruner) - {"name", "warmup_evals", "startup_trials"}:
-        bad(f"pruner must be {{name: {'|'.join(PRUNERS)}, warmup_evals: N, startup_trials: N}}")
-    pruner = {"name": pruner.get("name", "median"), "warmup_evals": int(pruner.get("warmup_evals", 0)),
-              "startup_trials": int(pruner.get("startup_trials", 5))}
-    return SearchSpec(space=space, metric=metric, direction=direction, trials=trials, sampler=sampler,
-                      pruner=pruner, name=str(data.get("name") or default_name))
-
-
-def distributions(spec: SearchSpec) -> dict:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out = {}
-    for key, entry in spec.space.items():
-        (kind, args), = entry.items()
-        if kind == "choice":
-            out[key] = CategoricalDistribution(args)
-        elif kind == "int_uniform":
-            out[key] = IntDistribution(int(args[0]), int(args[1]))
-        else:
-            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "log_uniform")
-    return out
-
-
-def sample_points(spec: SearchSpec) -> list[dict]:
-    """The corners of the space, to check that every value makes valid train flags before submitting."""
-    lows, highs = {}, {}
-    for key, entry in spec.space.items():
-        (kind, args), = entry.items()
-        values = args if kind == "choice" else [int(a) if kind == "int_uniform" else float(a) for a in args]
-        lows[key], highs[key] = values[0], values[-1]
-    points = [lows, highs]
-    for key, entry in spec.space.items():
-        (kind, args), = entry.items()
-        if kind == "choice":
-            points += [{**lows, key: v} for v in args[1:-1]]
-    return points
-
-
-def make_sampler(spec: SearchSpec, offset: int):
-    """The sampler for the trial asked as number ``offset``. Each task builds its own sampler:
-    seeded alike, every task would draw the same first point, so the seed moves on by trial.
-    Not for the grid: its seed shuffles the grid's order, which every task must share (it picks
-    a point no other trial holds, from the study)."""
-    import optuna
-
-    seed = spec.sampler["seed"] + offset
-    if spec.sampler["name"] == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler["name"] == "grid":
-        grid = {}
-        for key, entry in spec.space.items():
-            (kind, args), = entry.items()
-            grid[key] = list(args) if kind == "choice" else list(range(int(args[0]), int(args[1]) + 1))
-        return optuna.samplers.GridSampler(grid, seed=spec.sampler["seed"])
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(spec: SearchSpec):
-    import optuna
-
-    if spec.pruner["name"] == "none":
-        return optuna.pruners.NopPruner()
-    # evaluations are numbered from 1 and Optuna prunes from step n_warmup_steps on: the first
-    # warmup_evals evaluations are never pruned
-    return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner["startup_trials"],
-                                       n_warmup_steps=spec.pruner["warmup_evals"] + 1)
-
-
-def check_search(path: str, train: list[str], output_dir: Path) -> SearchSpec:
-    """The search file, checked with the train flags before anything is submitted."""
-    spec = load_search(path)
-    if _has_flag(train, "eval_hook"):
-        raise UserError("--eval_hook is set per trial by --search; leave it out")
-    for key in spec.space:
-        if _has_flag(train, key):
-            raise UserError(f"--{key} is searched ({path}); leave it out of the train flags")
-    for point in sample_points(spec):
-        try:
-            parse_args([*train, *point_flags(point), "--output_dir", str(output_dir / "trial_0")])
-        except ConfigError as e:
-            raise UserError(f"search {path}: {e}") from None
-    return spec
 
 
 # ------------------------------------------------------------------ the study
@@ -366,9 +212,9 @@ def trial_dir(folder: Path, number: int) -> Path:
 def trial_args(base: list[str], folder: Path, number: int, params: dict, name: str) -> list[str]:
     """train.py flags of one trial: the common flags, the trial's values, its folder and the reporter."""
     args = [*base, *point_flags(params), "--output_dir", str(trial_dir(folder, number))]
-    if not _has_flag(base, "run_name"):
+    if not has_flag(base, "run_name"):
         args += ["--run_name", f"{name}-trial_{number}"]
-    if not _has_flag(base, "wandb_group"):
+    if not has_flag(base, "wandb_group"):
         args += ["--wandb_group", name]
     return args + ["--eval_hook", HOOK]
 
@@ -510,8 +356,6 @@ def importances(study) -> dict:
 
 def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[list]]:
     """Trials, best first: number, the values of the searched flags, objective, state, steps, wall time."""
-    from fine_tune.commands.compare import fmt_duration, is_run_dir, load_run
-
     params = list(spec.space)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -535,10 +379,7 @@ def trial_rows(folder: Path, study, spec: SearchSpec) -> tuple[list[str], list[l
 def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
     """Objective per trial with the best-so-far line (Optuna's optimization history, complete
     trials), and each pruned trial's last reported value as a grey cross."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plots.pyplot()  # the Agg backend, before Optuna's plotting imports pyplot
     import optuna.visualization.matplotlib as ovm
 
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
@@ -553,9 +394,7 @@ def plot_objective(study, spec: SearchSpec, path: Path) -> Optional[Path]:
     fig = ax.figure
     fig.set_size_inches(8, 4.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def report(folder: str | os.PathLike, write: bool = True) -> str:
@@ -621,7 +460,7 @@ def run_search(sub) -> int:
                   f"{o.array_parallelism or todo} at once (slurm)", flush=True)
             for job in jobs:
                 watch.add(job, f"job {job.job_id}", f"[{job.job_id}] ")
-            print(f"follow: tail -f {job_log(jobs[0])}    report: python -m fine_tune.compare {folder}", flush=True)
+            print(f"follow: tail -f {job_log(jobs[0])}    report: fine-tune compare {folder}", flush=True)
             if not o.wait:
                 return 0
         submitted = len(watch.jobs)

@@ -36,7 +36,7 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command-line parser of the project, by the command it belongs to."""
     from fine_tune.commands import bench, compare, explore, predict, prepare_data
     from fine_tune.core.config import build_parser as train_parser
-    from fine_tune.launchers import slurm
+    from fine_tune.launchers import submission
 
     # bench/ holds scripts, not a package: load the one with flags from its file
     spec = importlib.util.spec_from_file_location("large_models_memory", ROOT / "bench" / "large_models_memory.py")
@@ -44,7 +44,7 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     spec.loader.exec_module(memory)
     return {"train.py": train_parser(), "prepare-data": prepare_data.build_parser(),
             "explore": explore.build_parser(), "predict": predict.build_parser(),
-            "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": slurm.build_parser(),
+            "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": submission.build_parser(),
             "bench/large_models_memory.py": memory.build_parser()}
 
 

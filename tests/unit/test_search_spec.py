@@ -1,4 +1,4 @@
-"""The search file and the samplers of fine_tune.launchers.search, in process (real Optuna, an
+"""The search file and the samplers of fine_tune.launchers.search_spec, in process (real Optuna, an
 in-memory study): what a broken seeding or grid would get wrong before any trial trains."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fine_tune.core.errors import UserError
-from fine_tune.launchers.search import distributions, make_sampler, sample_points, search_from_dict
+from fine_tune.launchers.search_spec import distributions, make_sampler, sample_points, search_from_dict
 
 
 def study_of(spec, asks: int) -> list[dict]:
