@@ -30,8 +30,9 @@ demo: data
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
 		train.py --config recipes/sentiment.yaml --overwrite_output_dir
 
+# two workers (pytest-xdist); each test file runs whole on one worker, so its shared runs are made once
 test: data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # the unit tests alone (in-process, no training subprocesses): about a minute
 test-fast: setup

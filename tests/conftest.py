@@ -33,10 +33,16 @@ def is_unit(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     """Two lanes: tests/unit runs in process and fast (`make test-fast`); every other test
-    runs train.py or a command as a real process and is marked `integration`."""
+    runs train.py or a command as a real process and is marked `integration`.
+
+    Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each file is one group, so that its
+    module-scoped runs are made once, on one worker; every test that uses the local Slurm
+    cluster is in one group, so that one worker starts, uses and stops it."""
     for item in items:
         if not is_unit(item):
             item.add_marker(pytest.mark.integration)
+        group = "slurm" if "slurm" in getattr(item, "fixturenames", ()) else Path(item.path).stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
