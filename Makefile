@@ -32,7 +32,7 @@ demo: data
 
 # two workers (pytest-xdist); each test file runs whole on one worker, so its shared runs are made once
 test: data
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 # the unit tests alone (in-process, no training subprocesses): about a minute
 test-fast: setup
