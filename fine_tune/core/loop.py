@@ -362,6 +362,7 @@ class TrainingRun:
                       "total_steps": self.total_steps,
                       # seconds per start-up part: where a slow start goes (reading, labels, tokenizing, model)
                       "startup_seconds": {k: round(v, 3) for k, v in timings.items()}}
+        accelerator.print("start-up: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in timings.items()))
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
         self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
