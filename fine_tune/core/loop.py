@@ -265,7 +265,7 @@ class TrainingRun:
         import torch
         from accelerate.utils import set_seed
 
-        from fine_tune.core import checkpoint, data
+        from fine_tune.core import checkpoint, data, fsdp
         from fine_tune.core.metrics import extra_metric_outputs, load_extra_metric
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer, parameter_counts
         from fine_tune.core.optim import build_optimizer, build_scheduler
@@ -323,6 +323,7 @@ class TrainingRun:
         self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
 
         configure_deepspeed(accelerator, cfg)
+        fsdp.configure_fsdp(accelerator, model)  # FSDP units: the repeated blocks, each module sharded once
         if cfg.torch_compile:
             model = torch.compile(model)
         eval_loaders = {split: data.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
