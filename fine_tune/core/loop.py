@@ -325,7 +325,7 @@ class TrainingRun:
         configure_deepspeed(accelerator, cfg)
         fsdp.configure_fsdp(accelerator, model)  # FSDP units: the repeated blocks, each module sharded once
         if cfg.torch_compile:
-            model = torch.compile(model)
+            model.compile()  # in place (nn.Module.compile): weight names, checkpoints and final/ stay the model's own
         eval_loaders = {split: data.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
                         for split in ("validation", "test") if split in tokenized}
         # the scheduler is ours and never prepared (accelerate would step it once per process);
