@@ -3,7 +3,7 @@
 options that help on it), and the summary, table and notes made from the workers' results.
 
 The calibration is bounded in time, not in size: it starts with small products and grows
-them only while one product takes under a tenth of its budget, so a CPU without bf16 matrix
+them only while the next size fits in what is left of its budget, so a CPU without bf16 matrix
 units (where torch emulates bf16 products, tens of times slower than float32) is measured in
 well under a second instead of sitting minutes in a 2048 x 2048 product.
 """
@@ -52,7 +52,7 @@ def cpu_features() -> dict:
 
 def matmul_peak(dtype_name: str, budget_s: float = 0.4, max_n: int = 2048) -> dict:
     """FLOP/s of square matrix products in this dtype, the largest size that fits the time
-    budget (starting at 256, doubling while one product takes under a tenth of the budget)."""
+    budget (starting at 256, doubling while the next size's products fit in what is left)."""
     import torch
 
     dev = _device()
@@ -78,7 +78,8 @@ def matmul_peak(dtype_name: str, budget_s: float = 0.4, max_n: int = 2048) -> di
         if flops > best["flops"]:
             best = {"flops": flops, "n": n}
         spent = time.perf_counter() - started
-        if n >= max_n or one > budget_s / 10 or spent > budget_s:
+        # the next size costs about 8x per product, 4 products at least (warm-up included)
+        if n >= max_n or spent + 32 * one > budget_s:
             break
         n *= 2
     return {**best, "seconds": time.perf_counter() - started}
