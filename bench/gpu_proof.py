@@ -17,7 +17,8 @@ data written here:
   sessions: the whole tree is killed, not only the launcher's group) after its first
   checkpoint, mid-epoch, then ``--resume_from_checkpoint latest``: the final weights against
   an uninterrupted run;
-* ``fsdp2``, ``zero2``, ``zero3``: checkpoint, then resume to more steps; ``final/`` reloads;
+* ``fsdp2`` (the encoder), ``fsdp2_decoder`` (the Llama-shaped model), ``zero2``, ``zero3``:
+  checkpoint, then resume to more steps; ``final/`` reloads;
 * ``lora_decoder``: LoRA on a Llama-shaped classifier; merged ``final/`` reloads, adapter written;
 * ``ner``: token classification; ``multilabel``: multi-label with ``--class_weights balanced``;
 * then, alone on the card, ``fine_tune.bench`` on both workloads (``b`` the Trainer at its
@@ -43,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_PATHS = ("fp32", "bf16", "fp16", "accumulation", "sigkill", "fsdp2", "zero2", "zero3", "lora_decoder", "ner",
-             "multilabel", "speed")
+GPU_PATHS = ("fp32", "bf16", "fp16", "accumulation", "sigkill", "fsdp2", "fsdp2_decoder", "zero2", "zero3",
+             "lora_decoder", "ner", "multilabel", "speed")
 CPU_PATHS = ("fp32", "accumulation", "sigkill", "zero2")  # what a CPU runs (FSDP, fp16 need a GPU)
 LABELS = ["negative", "neutral", "positive"]
 WORDS = ("good great bad awful fine okay movie film plot actor scene music boring lovely terrible the a of and "
@@ -313,10 +314,10 @@ class Proof:
         step = resumed.split(" at step ")[1].split()[0]
         return f"killed (whole tree) after step {step}, resumed: weights differ by {diff:.1e} of their change"
 
-    def checkpoint_resume(self, name: str, config: str, nproc: int, **more):
+    def checkpoint_resume(self, name: str, config: str, nproc: int, model: str = "bert", **more):
         out = self.out(name)
         half = self.steps // 2
-        flags = self.flags(save_strategy="steps", save_steps=half, **more)
+        flags = self.flags(model, save_strategy="steps", save_steps=half, **more)
         train(self.deadline, out, {**flags, "max_steps": half}, config, nproc)
         proc = train(self.deadline, out, {**flags, "resume_from_checkpoint": "latest"}, config, nproc)
         if f"at step {half}" not in proc.stdout:
@@ -325,6 +326,10 @@ class Proof:
 
     def fsdp2(self):
         return self.checkpoint_resume("fsdp2", "fsdp.yaml", 1, mixed_precision="bf16")
+
+    def fsdp2_decoder(self):
+        return self.checkpoint_resume("fsdp2_decoder", "fsdp.yaml", 1, "llama", mixed_precision="bf16",
+                                      learning_rate=2e-4)
 
     def zero2(self):
         return self.checkpoint_resume("zero2", "deepspeed_zero2.yaml", 1 if self.gpu else 2,
