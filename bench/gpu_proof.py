@@ -405,8 +405,8 @@ def table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/gpu_proof.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--paths", default=None, help=f"comma list from {', '.join(GPU_PATHS)} (default: all; "
                    f"with --cpu-smoke {', '.join(CPU_PATHS)})")
     p.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true",
@@ -415,7 +415,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=None, help="seconds for the whole script (default: 480; "
                    "smoke 240)")
     p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temporary folder)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     paths = [x.strip() for x in (args.paths or ",".join(CPU_PATHS if args.cpu_smoke else GPU_PATHS)).split(",")
              if x.strip()]
     allowed = CPU_PATHS if args.cpu_smoke else GPU_PATHS

@@ -218,6 +218,8 @@ def comparisons_and_notes(summary: dict, runs: dict, info: dict, started: float)
             tokens = summary[ours]["tokens_per_second"]["median"] / summary["b"]["tokens_per_second"]["median"]
             comparisons[f"{ours}_vs_b_samples_ratio"], comparisons[f"{ours}_vs_b_tokens_ratio"] = ratio, tokens
             notes.append(f"{ours} vs the Trainer's best (b): {ratio:.2f}x samples/s, {tokens:.2f}x tokens/s")
+    if any((s.get("mfu") or {}).get("max") and s["mfu"]["max"] > 1 for s in summary.values()):
+        notes.append("MFU over 100%: the calibration ran in a slow patch of this host; rerun, or give --peak_flops")
     notes.append(f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}; "
                  f"load average {info.get('load_average', ['?'])[0]:.2f} at start, "
                  f"{(info.get('load_average_end') or ['?'])[0]:.2f} at end; {time.perf_counter() - started:.0f} s")
