@@ -95,3 +95,20 @@ def test_bad_mode_is_refused():
     with pytest.raises(SystemExit, match="unknown option 'bf17'"):
         bench.main(["--modes", "d+bf17"])
     assert bench.parse_mode("e", "bf16,fused", "fp32") == bench.parse_mode("d+bf16+fused", "", "fp32")
+
+
+def test_long_workload_fills_every_input(tiny_model, tmp_path):
+    """--workload long joins consecutive texts into inputs of max_length tokens: no padding,
+    every input full, tokens/s and MFU in the report."""
+    from fine_tune.commands import bench
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=5))
+    held_out = write_jsonl(tmp_path / "validation.jsonl", make_rows(8, seed=6))
+    result = bench.main(["--model", str(tiny_model), "--train_file", str(train), "--eval_file", str(held_out),
+                         "--eval_samples", "8", "--batch_size", "4", "--steps", "3", "--warmup_steps", "1",
+                         "--max_length", "48", "--repeats", "1", "--modes", "d", "--workload", "long",
+                         "--peak_flops", "1e12", "--timeout", "300"])
+    run = result["runs"]["d"][0]
+    assert "error" not in run, run.get("log_tail")
+    assert run["positions_all"] == 3 * 4 * 48 and run["tokens_all"] == run["positions_all"]  # full, unpadded
+    assert run["mfu"] > 0 and result["config"]["workload"] == "long"

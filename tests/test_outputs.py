@@ -97,3 +97,26 @@ def test_clipping_bounds_the_update(tiny_model, data_files, tmp_path):
     assert grad_norm > 0.01  # the raw gradient is far above the clip ...
     assert sizes[0.001] == pytest.approx(1.0 / 1e3 * 0.001, rel=1e-2)  # ... and the update is bounded by it
     assert sizes[0.0] == pytest.approx(1.0 / 1e3 * grad_norm, rel=1e-2)  # 0 disables clipping
+
+
+def test_torch_compile_writes_a_loadable_final(tiny_model, data_files, tmp_path):
+    """--torch_compile compiles the model in place: checkpoints and final/ hold the model's own
+    weight names (no ``_orig_mod.``), and final/ loads with nothing missing or unexpected.
+    Fixed shapes and no evaluation keep inductor to one compilation (about a minute on CPU)."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "compiled"
+    args = train_args(tiny_model, data_files, out, max_steps=2, save_strategy="steps", save_steps=1,
+                      torch_compile="true", padding="max_length", max_length=16, validation_split_percentage=0)
+    at = args.index("--validation_file")
+    del args[at:at + 2]
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for weights in (out / "final", out / "checkpoints" / "step_1"):
+        names = list(load_weights(weights))
+        assert names and not [n for n in names if "_orig_mod" in n], weights
+    model, info = AutoModelForSequenceClassification.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert (tmp_path / "inductor").is_dir()  # it really compiled

@@ -263,7 +263,7 @@ def test_two_node_deepspeed_zero2_job_on_cpu(slurm, tiny_model, tiny_files, tmp_
                    "accelerate_configs/multi_node_deepspeed.yaml", "--wait", "--",
                    *flags(tiny_model, tiny_files, out, save_strategy="steps", save_steps=6)], slurm)
     assert proc.returncode == 0, explain(proc)
-    assert "DistributedType.DEEPSPEED" in proc.stdout and "(2 process(es) x" in proc.stdout
+    assert "DeepSpeed ZeRO-2 over 2 processes" in proc.stdout and "(2 process(es) x" in proc.stdout
     assert "--deepspeed_multinode_launcher standard" in proc.stdout
     shards = sorted(p.name for p in (out / "checkpoints" / "step_6").rglob("zero_pp_rank_*_optim_states.pt"))
     assert len(shards) == 2, shards  # ZeRO: the optimizer state is split between the two nodes' ranks

@@ -56,7 +56,8 @@ def reference(dropout_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topologies")
     files = small_files(tmp)
     out = tmp / "single_b8"
-    run_train(compared_args(dropout_model, files, out, per_device_train_batch_size=8))
+    proc = run_train(compared_args(dropout_model, files, out, per_device_train_batch_size=8))
+    assert_where(proc, out, None)
     return {"files": files, "tmp": tmp, "weights": reloaded(out / "final"), "init": reloaded(dropout_model),
             "metrics": read_metrics(out)}
 
@@ -77,6 +78,18 @@ TOPOLOGIES = {
     "DeepSpeed ZeRO-3, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1, []),
     "DeepSpeed ZeRO-3 without zero.Init, 2 processes": ("deepspeed_zero3.yaml", 2, 4, 1, ZERO3_INIT_OFF),
 }
+# the start line (and the first training record of metrics.jsonl) says where it ran, in words
+WHERE = {None: ("cpu x 1", "one process"), "cpu_ddp.yaml": ("cpu x 2", "DDP over 2 processes"),
+         "deepspeed_zero2.yaml": ("cpu x 2", "DeepSpeed ZeRO-2 over 2 processes"),
+         "deepspeed_zero3.yaml": ("cpu x 2", "DeepSpeed ZeRO-3 over 2 processes")}
+
+
+def assert_where(proc, out, config):
+    device, topology = WHERE[config]
+    assert f"accumulation), {device}, {topology}, mixed precision no\n" in proc.stdout, proc.stdout[-2000:]
+    (first,) = [r for r in read_metrics(out) if "topology" in r]  # once per start, not in every record
+    assert first["step"] == 1 and "loss" in first
+    assert (first["device"], first["topology"], first["precision"]) == (device, topology, "mixed precision no")
 
 
 @pytest.mark.parametrize("name", list(TOPOLOGIES))
@@ -86,6 +99,7 @@ def test_same_weights_as_one_process(name, reference, dropout_model):
     proc = run_train(compared_args(dropout_model, reference["files"], out, per_device_train_batch_size=bs,
                           gradient_accumulation_steps=acc), config, nproc, extra_launch=launch)
     assert f"({nproc or 1} process(es) x {bs} x {acc} accumulation)" in proc.stdout
+    assert_where(proc, out, config)
     weights = reloaded(out / "final")  # ZeRO-3: the gathered full weights, reloaded by from_pretrained
     assert max_change(reference["weights"], reference["init"]) > 6e-3  # it trained (8 steps of lr <= 3e-3)
     assert relative_difference(weights, reference["weights"], reference["init"]) < TOLERANCE

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -70,8 +69,7 @@ OPTIONS = {
     "maxlen": "padding to max length",
     "nogroup": "no length grouping",
 }
-# What helps on a CPU with bf16 matrix units (see docs/performance.md); --best overrides it.
-DEFAULT_BEST = "bf16,fused"
+WORKLOADS = ("short", "long")
 PHASES = ("data", "forward", "backward", "optimizer")
 DEFAULT_TRAIN = "data/sentiment/train.jsonl"
 DEFAULT_EVAL = "data/sentiment/validation.jsonl"
@@ -417,21 +415,7 @@ def run_ours(spec, settings, probe, out_dir):
         extra["loop_reported_samples_per_second"] = len(windows) * examples / sum(
             examples / w["samples_per_second"] for w in windows)
         extra["loop_reported_mfu"] = statistics.mean(w["mfu"] for w in windows) if "mfu" in windows[0] else None
-    final = Path(out_dir) / "final"
-    weights = final / "model.safetensors"
-    if weights.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as f:
-            prefixed = any(k.startswith("_orig_mod.") for k in f.keys())
-        if prefixed:  # saved from a torch.compile wrapper: from_pretrained would find no weight
-            from safetensors.torch import load_file
-            from transformers import AutoConfig
-
-            extra["final_weights_prefixed"] = True
-            model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(final))
-            model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in load_file(str(weights)).items()})
-            return model, extra
+    final = Path(out_dir) / "final"  # --torch_compile included: compiled in place, plain weight names
     return AutoModelForSequenceClassification.from_pretrained(final), extra
 
 
@@ -489,115 +473,6 @@ def worker(spec_path: str) -> None:
     Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
 
-# ====================================================================== parent
-def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 8) -> float:
-    """FLOP/s of a large matrix product in this dtype (the ceiling the model's matmuls can reach)."""
-    import torch
-
-    dev = _device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import accelerate
-        import transformers
-
-        info.update(transformers=transformers.__version__, accelerate=accelerate.__version__)
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:  # pragma: no cover
-        pass
-    return info
-
-
-def _range(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"median": None, "min": None, "max": None}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-SUMMARY_KEYS = ("samples_per_second", "tokens_per_second", "padding_share", "step_ms", "data_ms", "forward_ms",
-                "backward_ms", "optimizer_ms", "other_ms", "peak_rss_mb", "peak_gpu_mb", "eval_accuracy", "mfu",
-                "loop_reported_samples_per_second")
-
-
-def summarize(runs: dict, modes: list[str]) -> dict:
-    out = {}
-    for mode in modes:
-        ok = [r for r in runs[mode] if "error" not in r]
-        out[mode] = {"runs": len(ok), "failed": len(runs[mode]) - len(ok)}
-        for key in SUMMARY_KEYS:
-            if any(key in r for r in ok):
-                out[mode][key] = _range([r.get(key) for r in ok])
-    return out
-
-
-def paired_overhead(runs: dict, ours: str, base: str):
-    """Step-time overhead of `ours` over `base`, in percent, from runs of the same repeat."""
-    a = {r["repeat"]: r["step_ms"] for r in runs.get(ours, []) if "error" not in r}
-    b = {r["repeat"]: r["step_ms"] for r in runs.get(base, []) if "error" not in r}
-    pairs = [100.0 * (a[k] / b[k] - 1.0) for k in sorted(a) if k in b]
-    return _range(pairs) if pairs else None
-
-
-def _fmt(stat: dict | None, digits: int = 1, scale: float = 1.0, spread: bool = False) -> str:
-    if not stat or stat.get("median") is None:
-        return "–"
-    med = f"{stat['median'] * scale:.{digits}f}"
-    if spread and stat["max"] != stat["min"]:
-        return f"{med} ({stat['min'] * scale:.{digits}f}–{stat['max'] * scale:.{digits}f})"
-    return med
-
-
-def markdown_table(summary: dict, labels: dict) -> str:
-    from fine_tune.core.tables import format_table
-
-    headers = ["mode", "samples/s", "tokens/s", "padding", "step ms", "data", "forward", "backward", "optimizer",
-               "other", "peak RSS MB", "eval acc", "MFU"]
-    rows = []
-    for mode, s in summary.items():
-        if not s["runs"]:
-            rows.append([f"{mode}: {labels[mode]}", "failed"] + [""] * (len(headers) - 2))
-            continue
-        mem = s.get("peak_gpu_mb") if s.get("peak_gpu_mb", {}).get("median") else s.get("peak_rss_mb")
-        rows.append([
-            f"{mode}: {labels[mode]}", _fmt(s.get("samples_per_second"), 1, spread=True),
-            _fmt(s.get("tokens_per_second"), 0, spread=True), _fmt(s.get("padding_share"), 0, 100) + "%",
-            _fmt(s.get("step_ms"), 0), _fmt(s.get("data_ms"), 1), _fmt(s.get("forward_ms"), 0),
-            _fmt(s.get("backward_ms"), 0), _fmt(s.get("optimizer_ms"), 0), _fmt(s.get("other_ms"), 1),
-            _fmt(mem, 0), _fmt(s.get("eval_accuracy"), 3), _fmt(s.get("mfu"), 1, 100) + "%"])
-    return format_table(headers, rows, "markdown", numeric=[False] + [True] * (len(headers) - 1)).rstrip("\n")
-
-
 def mode_label(mode: str, best: str) -> str:
     base, *opts = mode.split("+")
     label = MODES[base]
@@ -614,19 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_file", default=DEFAULT_TRAIN, help="training data (default: %(default)s)")
     p.add_argument("--eval_file", default=DEFAULT_EVAL, help="held-out data for accuracy (default: %(default)s)")
     p.add_argument("--eval_samples", type=int, default=1000, help="held-out examples scored (default: %(default)s)")
+    p.add_argument("--workload", choices=WORKLOADS, default="short",
+                   help="short: the training file's own texts (sentences, right for CPUs); long: consecutive "
+                        "texts joined into inputs of --max_length tokens (512 for an encoder, 1024-2048 packed "
+                        "for a decoder), where a GPU's arithmetic dominates; tokens/s and MFU head the report "
+                        "(default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=80,
                    help="optimizer steps per run, warm-up included; each run trains on the first "
                         "steps x batch_size examples (default: %(default)s)")
     p.add_argument("--warmup_steps", type=int, default=8, help="untimed first steps (default: %(default)s)")
-    p.add_argument("--max_length", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--max_length", type=int, default=None, help="(default: 128; 512 with --workload long)")
     p.add_argument("--learning_rate", type=float, default=2e-4, help="(default: %(default)s)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="precision of every mode but e (default: %(default)s)")
-    p.add_argument("--best", default=DEFAULT_BEST,
-                   help=f"comma list of the options of mode e, from {', '.join(OPTIONS)} (default: %(default)s)")
+    p.add_argument("--best", default="auto",
+                   help=f"comma list of the options of mode e, from {', '.join(OPTIONS)}; auto: chosen from the "
+                        "measured matrix-product peaks (bf16 only where it measured faster) (default: %(default)s)")
     p.add_argument("--modes", default="a,b,c,d,e", help="comma list of modes, each a letter with optional "
                    "+options, e.g. d+bf16 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode (default: %(default)s)")
@@ -642,18 +523,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def long_inputs(train_file: str, model: str, max_length: int, n_examples: int, out_path: Path) -> Path:
+    """The long workload's training file: consecutive texts of ``train_file`` joined (with a
+    space) until each input holds ``max_length`` tokens, so that every input is full after
+    truncation; the label is the first text's. Real text, no padding: the shape a GPU user feeds
+    an encoder at 512 tokens or a decoder packed to 1,024-2,048."""
+    from transformers import AutoTokenizer
+
+    from fine_tune.core.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    rows = [json.loads(line) for line in Path(train_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    out, at = [], 0
+    while len(out) < n_examples and rows:
+        texts, tokens, label = [], 0, rows[at % len(rows)]["label"]
+        while tokens < max_length:
+            text = rows[at % len(rows)]["text"]
+            texts.append(text)
+            tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            at += 1
+        out.append({"text": " ".join(texts), "label": label})
+    out_path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+    return out_path
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from fine_tune.commands import bench_report as R
+
     args = build_parser().parse_args(argv)
     if args.worker:
         worker(args.worker)
         return {}
     if args.warmup_steps < 1 or args.steps <= args.warmup_steps:
         raise SystemExit("error: need 1 <= --warmup_steps < --steps")
+    if args.max_length is None:
+        args.max_length = 512 if args.workload == "long" else 128
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    settings = {}
-    for mode in modes:
+    for mode in modes:  # bad modes fail before any measurement
         try:
-            settings[mode] = parse_mode(mode, args.best, args.precision)
+            parse_mode(mode, "" if args.best == "auto" else args.best, args.precision)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
     for path in (args.train_file, args.eval_file):
@@ -663,22 +571,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fine_tune.core.loop import KNOWN_PEAK_FLOPS
 
-    info = machine_info()
-    peaks = {}
+    info = R.machine_info()
+    on_gpu = torch.cuda.is_available()
+    calibration = None
     if args.peak_flops:
         peaks = {"fp32": args.peak_flops, "bf16": args.peak_flops}
-    elif torch.cuda.is_available():
+    elif on_gpu:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in KNOWN_PEAK_FLOPS.items() if k in name), None)
         peaks = {"fp32": peak, "bf16": peak}
     else:
-        peaks = {p: matmul_peak(p) for p in ("fp32", "bf16")}
-        info["measured_matmul_flops"] = dict(peaks)
-    labels = {m: mode_label(m, args.best) for m in modes}
+        info["cpu_features"] = R.cpu_features()
+        calibration = R.calibrate()
+        info["measured_matmul_flops"] = calibration
+        peaks = {p: c["flops"] for p, c in calibration.items()}
+    best, why = (args.best, "given") if args.best != "auto" else R.choose_best(calibration, on_gpu)
+    info["best_options"] = {"options": best, "why": why}
+    settings = {mode: parse_mode(mode, best, args.precision) for mode in modes}
+    labels = {m: mode_label(m, best) for m in modes}
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    base_spec = {"model": args.model, "train_file": str(Path(args.train_file).resolve()),
+    train_file = str(Path(args.train_file).resolve())
+    if args.workload == "long":
+        train_file = str(long_inputs(train_file, args.model, args.max_length, args.steps * args.batch_size,
+                                     work / "long_train.jsonl"))
+    base_spec = {"model": args.model, "train_file": train_file,
                  "eval_file": str(Path(args.eval_file).resolve()), "eval_samples": args.eval_samples,
                  "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": args.warmup_steps,
                  "max_length": args.max_length, "learning_rate": args.learning_rate,
@@ -687,9 +605,11 @@ def main(argv: list[str] | None = None) -> dict:
            "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     runs = {m: [] for m in modes}
     started = time.perf_counter()
+    calibrated = "" if calibration is None else "; calibration " + ", ".join(
+        f"{p} {c['flops'] / 1e9:.0f} GFLOP/s at {c['n']} ({c['seconds']:.2f} s)" for p, c in calibration.items())
     print(f"benchmark: {len(modes)} modes x {args.repeats} repeats, {args.steps} steps "
-          f"({args.warmup_steps} warm-up) of {args.batch_size}, max length {args.max_length}; {info['cpu']}",
-          flush=True)
+          f"({args.warmup_steps} warm-up) of {args.batch_size}, max length {args.max_length}, {args.workload} "
+          f"inputs; {info['cpu']}{calibrated}; e: {best or 'none'} ({why})", flush=True)
     for repeat in range(args.repeats):
         for mode in modes:
             safe = mode.replace("+", "_")
@@ -724,41 +644,22 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {mode} repeat {repeat + 1}: {result['samples_per_second']:.1f} samples/s, "
                       f"{result['tokens_per_second']:.0f} tokens/s, acc {result['eval_accuracy']:.3f} "
                       f"({result['wall_s']:.0f} s)", flush=True)
-    summary = summarize(runs, modes)
-    comparisons = {}
-    for ours, base in (("d", "c"), ("e", "c"), ("d", "b"), ("e", "b")):
-        if ours in runs and base in runs:
-            comparisons[f"{ours}_vs_{base}_step_time_pct"] = paired_overhead(runs, ours, base)
+    summary = R.summarize(runs, modes)
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    table = markdown_table(summary, labels)
+    table = R.markdown_table(summary, labels)
     print()
+    if args.workload == "long":
+        for line in R.headline(summary, labels):
+            print(line)
+        print()
     print(table)
     print()
-    notes = []
-    if comparisons.get("d_vs_c_step_time_pct"):
-        o = comparisons["d_vs_c_step_time_pct"]
-        notes.append(f"train.py (d) over the bare loop (c) on identical batches: {o['median']:+.1f}% step time "
-                     f"(paired repeats, range {o['min']:+.1f}% to {o['max']:+.1f}%)")
-        own = {m: summary.get(m, {}) for m in ("c", "d")}
-        if all(own[m].get("other_ms", {}).get("median") is not None for m in own):
-            # the loop's own work: what it does outside the library calls both loops share
-            extra_ms = sum(own["d"][k]["median"] - own["c"][k]["median"] for k in ("data_ms", "other_ms"))
-            comparisons["d_vs_c_own_work_ms"] = extra_ms
-            notes.append(f"train.py's own work per step (data + other, d minus c): {extra_ms:+.1f} ms, "
-                         f"{100 * extra_ms / own['c']['step_ms']['median']:+.1f}% of the bare loop's step")
-    for ours in ("d", "e"):
-        if ours in summary and "b" in summary and summary[ours]["runs"] and summary["b"]["runs"]:
-            ratio = summary[ours]["samples_per_second"]["median"] / summary["b"]["samples_per_second"]["median"]
-            tokens = summary[ours]["tokens_per_second"]["median"] / summary["b"]["tokens_per_second"]["median"]
-            comparisons[f"{ours}_vs_b_samples_ratio"], comparisons[f"{ours}_vs_b_tokens_ratio"] = ratio, tokens
-            notes.append(f"{ours} vs the Trainer's best (b): {ratio:.2f}x samples/s, {tokens:.2f}x tokens/s")
-    notes.append(f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}; "
-                 f"load average {info.get('load_average', ['?'])[0]:.2f} at start, "
-                 f"{(info.get('load_average_end') or ['?'])[0]:.2f} at end; {time.perf_counter() - started:.0f} s")
+    comparisons, notes = R.comparisons_and_notes(summary, runs, info, started)
     for n in notes:
         print(n)
     report = {"config": {**{k: v for k, v in base_spec.items() if k != "split"}, "precision": args.precision,
-                         "best": args.best, "repeats": args.repeats, "modes": modes, "split": args.split},
+                         "best": best, "repeats": args.repeats, "modes": modes, "split": args.split,
+                         "workload": args.workload},
               "machine": info, "peak_flops": peaks, "labels": labels, "settings": settings, "summary": summary,
               "comparisons": comparisons, "notes": notes, "table": table, "runs": runs}
     if args.json:

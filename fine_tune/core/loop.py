@@ -265,7 +265,7 @@ class TrainingRun:
         import torch
         from accelerate.utils import set_seed
 
-        from fine_tune.core import checkpoint, data
+        from fine_tune.core import checkpoint, data, fsdp
         from fine_tune.core.metrics import extra_metric_outputs, load_extra_metric
         from fine_tune.core.model import check_model_options, load_model, load_tokenizer, parameter_counts
         from fine_tune.core.optim import build_optimizer, build_scheduler
@@ -327,8 +327,9 @@ class TrainingRun:
         self.scheduler = build_scheduler(optimizer, cfg, self.total_steps)
 
         configure_deepspeed(accelerator, cfg)
+        fsdp.configure_fsdp(accelerator, model)  # FSDP units: the repeated blocks, each module sharded once
         if cfg.torch_compile:
-            model = torch.compile(model)
+            model.compile()  # in place (nn.Module.compile): weight names, checkpoints and final/ stay the model's own
         eval_loaders = {split: data.eval_dataloader(tokenized[split], collator, cfg.per_device_eval_batch_size)
                         for split in ("validation", "test") if split in tokenized}
         # the scheduler is ours and never prepared (accelerate would step it once per process);
@@ -393,14 +394,16 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         from fine_tune.core.model import describe_parameters, example_losses
+        from fine_tune.core.topology import describe_run
 
         cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
+        where = describe_run(accelerator, cfg.mixed_precision)  # device, topology, precision in words
         accelerator.print(
             f"training {cfg.model_name_or_path} ({describe_parameters(self.n_trainable, self.n_params)}) on "
             f"{len(self.train_ds)} examples: {self.total_steps} optimizer steps of {self.sampler.global_batch} examples "
             f"({self.world} process(es) x {cfg.per_device_train_batch_size} x "
-            f"{cfg.gradient_accumulation_steps} accumulation), {accelerator.distributed_type}, "
-            f"mixed precision {cfg.mixed_precision}")
+            f"{cfg.gradient_accumulation_steps} accumulation), {', '.join(where.values())}")
+        self.where = where  # metrics.jsonl: in the first training record of this start
         model.train()
         device = accelerator.device
         # see the module docstring: backward divides by the accumulation steps and the all-reduce
@@ -536,7 +539,8 @@ class TrainingRun:
         tokens_per_s = window["tokens"] / elapsed
         event = {"loss": loss, "learning_rate": self.optimizer.param_groups[0]["lr"], "grad_norm": self.grad_norm,
                  "samples_per_second": window["examples"] / elapsed, "tokens_per_second": tokens_per_s,
-                 **peak_memory_mb()}
+                 **peak_memory_mb(), **self.where}
+        self.where = {}
         if self.peak_flops:
             # per token: 2N forward, 2N backward through the activations, 2N' for the weight
             # gradients of the N' trainable parameters (6N in a full fine-tune)

@@ -38,14 +38,18 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     from fine_tune.core.config import build_parser as train_parser
     from fine_tune.launchers import submission
 
-    # bench/ holds scripts, not a package: load the one with flags from its file
-    spec = importlib.util.spec_from_file_location("large_models_memory", ROOT / "bench" / "large_models_memory.py")
-    memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory)
+    # bench/ holds scripts, not a package: load the ones with flags from their files
+    def script(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    memory, proof = script("large_models_memory"), script("gpu_proof")
     return {"train.py": train_parser(), "prepare-data": prepare_data.build_parser(),
             "explore": explore.build_parser(), "predict": predict.build_parser(),
             "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": submission.build_parser(),
-            "bench/large_models_memory.py": memory.build_parser()}
+            "bench/large_models_memory.py": memory.build_parser(), "bench/gpu_proof.py": proof.build_parser()}
 
 
 def known_flags() -> set[str]:
