@@ -21,7 +21,7 @@ data written here:
   checkpoint, then resume to more steps; ``final/`` reloads;
 * ``lora_decoder``: LoRA on a Llama-shaped classifier; merged ``final/`` reloads, adapter written;
 * ``ner``: token classification; ``multilabel``: multi-label with ``--class_weights balanced``;
-* then, alone on the card, ``fine_tune.bench`` on both workloads (``b`` the Trainer at its
+* then, alone on the card, ``fine-tune bench`` on both workloads (``b`` the Trainer at its
   best beside ``d`` train.py): sentences (short) and 512-token inputs (long).
 
 The last thing printed is a markdown table: path, ran/failed, figure. ``--timeout`` bounds the
@@ -363,13 +363,13 @@ class Proof:
         return f"loss {last_loss(out):.3f}, {reloads(out / 'final')}"
 
     def speed(self):
-        """fine_tune.bench alone on the card: b (the Trainer at its best) beside d (train.py),
+        """fine-tune bench alone on the card: b (the Trainer at its best) beside d (train.py),
         sentences and 512-token inputs, on the bert-base-sized model."""
         figures = []
         for workload, extra in (("short", ["--batch_size", "32", "--max_length", "128"]),
                                 ("long", ["--batch_size", "16", "--max_length", "512"])):
             out = self.work / f"speed_{workload}.json"
-            cmd = [sys.executable, "-m", "fine_tune.bench", "--model", str(self.built["models"]["bert"]),
+            cmd = [sys.executable, "-m", "fine_tune", "bench", "--model", str(self.built["models"]["bert"]),
                    "--train_file", str(ROOT / "data/sentiment/train.jsonl"), "--eval_file",
                    str(ROOT / "data/sentiment/validation.jsonl"), "--eval_samples", "500", "--modes", "b,d",
                    "--repeats", "1", "--steps", "60", "--warmup_steps", "10", "--workload", workload,
@@ -377,7 +377,7 @@ class Proof:
             proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
                                   timeout=max(self.deadline.left(), 1))
             if proc.returncode != 0 or not out.exists():
-                raise Failed(f"fine_tune.bench {workload}: exit status {proc.returncode}")
+                raise Failed(f"fine-tune bench {workload}: exit status {proc.returncode}")
             print(proc.stdout, flush=True)
             summary = json.loads(out.read_text())["summary"]
             figures.append(workload + ": " + ", ".join(

@@ -1,6 +1,6 @@
 """Throughput benchmark: how many examples per second each way of training turns into a model.
 
-``python -m fine_tune.bench`` trains the same model on the same examples with the same batch
+``fine-tune bench`` trains the same model on the same examples with the same batch
 size, learning rate, weight decay, schedule and seed, each run in a fresh process:
 
 * ``a``: ``transformers.Trainer`` at its default settings, inputs padded to ``--max_length``;
@@ -484,7 +484,7 @@ def mode_label(mode: str, best: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fine_tune.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fine-tune bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="hub id or local folder (default: %(default)s)")
     p.add_argument("--train_file", default=DEFAULT_TRAIN, help="training data (default: %(default)s)")
     p.add_argument("--eval_file", default=DEFAULT_EVAL, help="held-out data for accuracy (default: %(default)s)")
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {e}")
     for path in (args.train_file, args.eval_file):
         if not Path(path).is_file():
-            raise SystemExit(f"error: {path} does not exist (python -m fine_tune.prepare_data makes the default data)")
+            raise SystemExit(f"error: {path} does not exist (fine-tune prepare-data makes the default data)")
     import torch
 
     from fine_tune.core.loop import KNOWN_PEAK_FLOPS

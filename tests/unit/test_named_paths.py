@@ -122,8 +122,6 @@ def scripts(suffixes: tuple[str, ...]) -> list[str]:
 
 PY_SCRIPTS = scripts((".py",))
 SHELL_SCRIPTS = scripts((".sh", ".sbatch"))
-# `fine-tune bench --help` still names itself `python -m fine_tune.bench` (prog in commands/bench.py)
-PROG_PENDING = {"bench"}
 
 
 def test_the_sources_name_what_this_test_checks():
@@ -139,8 +137,7 @@ def test_every_named_module_imports(name):
         pytest.fail(f"{name} (named in {', '.join(sorted(NAMED['module'][name]))}): {e}")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="prog in bench.py"))
-                                  if n in PROG_PENDING else n for n in sorted(NAMED["command"])])
+@pytest.mark.parametrize("name", sorted(NAMED["command"]))
 def test_every_named_command_exists_and_answers_help(name):
     from fine_tune.__main__ import COMMANDS, main
 
