@@ -45,6 +45,7 @@ from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.config import TrainConfig, save_config
 from fine_tune.core.errors import UserError
 from fine_tune.core.hooks import load_eval_hook
+from fine_tune.core.tasks import task_for
 
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                     "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
@@ -302,7 +303,7 @@ class TrainingRun:
         splits = data.select_train_samples(splits, cfg)
         tokenized = self.on_each_process(lambda: data.tokenize_splits(splits, self.tokenizer, cfg, self.labels),
                                          "while tokenizing the data", timings, "tokenizing")
-        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, cfg.task))
+        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, task_for(cfg)))
         self.train_ds = train_ds = tokenized["train"]
         if len(train_ds) < world:
             raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
