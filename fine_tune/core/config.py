@@ -258,10 +258,23 @@ class TrainConfig:
 
     # --------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
-        def need(cond, name, allowed):
-            if not cond:
-                raise ConfigError(f"--{name} {getattr(self, name)!r} is not allowed: {allowed}")
+        """Refuse options that cannot work together, each with a one-line error; fill in what
+        follows from the others (--eval_steps)."""
+        self._validate_numbers()
+        self._validate_options()
+        self._validate_labels()
+        bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
+        if bad:
+            raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
+                              f"(comma-separated){_suggest(bad[0], REPORT_TO)}")
+        return self
 
+    def _need(self, cond, name: str, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"--{name} {getattr(self, name)!r} is not allowed: {allowed}")
+
+    def _validate_numbers(self) -> None:
+        need = self._need
         for f in dataclasses.fields(self):  # inf and nan pass most range checks: refuse them first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -297,6 +310,9 @@ class TrainConfig:
             need(value is None or value >= 1, name, "must be an integer >= 1")
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps if self.logging_steps > 1 else 500
+
+    def _validate_options(self) -> None:
+        need = self._need
         for name in ("model_config_overrides", "lr_scheduler_kwargs"):
             value = getattr(self, name)
             if value is not None:
@@ -327,12 +343,6 @@ class TrainConfig:
             need(self.use_peft and self.mixed_precision == "fp16", "torch_dtype",
                  "float16 weights train only with --use_peft (float32 adapters) and --mixed_precision fp16 "
                  "(a gradient scaler); load float32 or bfloat16 instead")
-        self._validate_labels()
-        bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
-        if bad:
-            raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
-                              f"(comma-separated){_suggest(bad[0], REPORT_TO)}")
-        return self
 
     def _validate_labels(self) -> None:
         task = tasks.task_for(self)
