@@ -40,9 +40,12 @@ def train_main(argv: list[str], prog: str = "fine-tune train") -> None:
     @main_guard
     def run() -> None:
         cfg = parse_args(argv, prog=prog)
+        from fine_tune import EXIT_CHECKPOINTED
         from fine_tune.core.loop import run as run_training
 
-        run_training(cfg)
+        outcome = run_training(cfg)
+        if outcome.checkpointed:  # stopped by a signal, a checkpoint saved: "requeue me"
+            sys.exit(EXIT_CHECKPOINTED)
 
     run()
 

@@ -17,7 +17,7 @@ import psutil
 from conftest import ENV, ROOT, launch_cmd, make_rows, read_metrics, run_train, small_files, train_args, \
     write_jsonl
 from fine_tune import EXIT_CHECKPOINTED
-from fine_tune.core.ranks import DATA_FAULT_ENV
+from faulty_train import DATA_FAULT_ENV, SCRIPT as FAULTY_TRAIN
 
 STOP_LINE = "stop requested ({}): checkpointing after this step; Ctrl-C again aborts"
 
@@ -107,7 +107,9 @@ def test_sigterm_to_the_accelerate_launcher_checkpoints_both_processes(tiny_mode
 
 def test_one_failing_process_ends_both_within_60_s_with_its_error(tiny_model, data_files, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd("cpu_ddp.yaml", 2) + train_args(tiny_model, data_files, out, max_steps=4),
+    # train.py with a fault staged while the data loads (tests/faulty_train.py)
+    proc = subprocess.Popen(launch_cmd("cpu_ddp.yaml", 2)[:-1] + [str(FAULTY_TRAIN)] +
+                            train_args(tiny_model, data_files, out, max_steps=4),
                             cwd=ROOT, env={**ENV, DATA_FAULT_ENV: "1:raise"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = proc.communicate(timeout=600)[0]  # returns once every process holding the pipe has ended
@@ -120,12 +122,13 @@ def test_one_failing_process_ends_both_within_60_s_with_its_error(tiny_model, da
     assert "error: process 1 failed while loading the data: OSError: " in log, log[-3000:]
 
 
-def start_ranks(args: list[str], env: dict, world: int = 2) -> list[subprocess.Popen]:
+def start_ranks(args: list[str], env: dict, world: int = 2,
+                script: Path = ROOT / "train.py") -> list[subprocess.Popen]:
     """One `python train.py` per rank with the torch.distributed variables, as srun starts them."""
     from conftest import free_port
 
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, text=True,
+    return [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, text=True,
                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -136,7 +139,7 @@ def test_a_silent_process_ends_the_run_after_ddp_timeout(tiny_model, data_files,
     """No launcher watches ranks started directly: rank 0 stops answering while it loads the
     data (rank 1 waits for it at a barrier), and rank 1 gives up after --ddp_timeout, saying so."""
     procs = start_ranks(train_args(tiny_model, data_files, tmp_path / "run", max_steps=4, ddp_timeout=5),
-                        {**ENV, DATA_FAULT_ENV: "0:hang"})
+                        {**ENV, DATA_FAULT_ENV: "0:hang"}, script=FAULTY_TRAIN)
     try:
         log = procs[1].communicate(timeout=240)[0]
         assert procs[1].returncode == 2, log[-3000:]

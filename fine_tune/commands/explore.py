@@ -141,7 +141,7 @@ def _display_label(value, names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ tokenization
-def token_lengths(ds, tokenizer, cfg) -> tuple[list[int], int, int]:
+def token_lengths(ds, tokenizer, cfg, task) -> tuple[list[int], int, int]:
     """Tokens per example with special tokens and no truncation; also (unknown, total) token counts."""
     from transformers.utils import logging as hf_logging
 
@@ -151,15 +151,7 @@ def token_lengths(ds, tokenizer, cfg) -> tuple[list[int], int, int]:
     unk = tokenizer.unk_token_id
     try:
         for start in range(0, len(ds), 1000):
-            batch = ds[start:start + 1000]
-            if cfg.task == "token-classification":
-                words = [[str(w) for w in row] for row in batch[cfg.tokens_column]]
-                enc = tokenizer(words, is_split_into_words=True, truncation=False)
-            else:
-                texts = ["" if t is None else str(t) for t in batch[cfg.text_column]]
-                pairs = (["" if t is None else str(t) for t in batch[cfg.text_pair_column]]
-                         if cfg.text_pair_column else None)
-                enc = tokenizer(texts, pairs, truncation=False)
+            enc = task.explore_encode(tokenizer, ds[start:start + 1000], cfg)
             for ids in enc["input_ids"]:
                 lengths.append(len(ids))
                 total += len(ids)
@@ -211,6 +203,7 @@ def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
     """Every fact explore prints, as a JSON-ready dict."""
     from fine_tune.core import data as D
     from fine_tune.core.model import load_tokenizer
+    from fine_tune.core.tasks import task_for
 
     try:
         import datasets
@@ -223,40 +216,29 @@ def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
         if split not in splits:
             raise UserError(f"--split {split!r}: the data has the splits {', '.join(splits)}")
         splits = {split: splits[split]}
-    if cfg.task == "token-classification":
-        needed = {"tokens_column": cfg.tokens_column, "tags_column": cfg.tags_column}
-    else:
-        needed = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-                  "label_column": cfg.label_column}
+    task = task_for(cfg)
     for name, ds in splits.items():
-        D.check_columns(ds, needed, name)
-    labels = D.infer_labels(splits, cfg)
-    tokenizer = tokenizer or load_tokenizer(cfg)
+        D.check_columns(ds, task.columns_read(cfg), name)
+    labels = task.infer_labels(splits, cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg, task)
     ref = "train" if "train" in splits else next(iter(splits))
     facts: dict = {
-        "task": cfg.task,
+        "task": task.name,
         "tokenizer": cfg.tokenizer_name or cfg.model_name_or_path,
         "splits": {name: len(ds) for name, ds in splits.items()},
         "columns": list(splits[ref].column_names),
         "reference_split": ref,
     }
 
-    # ---- labels
-    if cfg.task == "text-classification":
-        facts["labels"] = _classification_labels(splits, cfg, labels.names, ref, examples)
-    elif cfg.task == "multi-label-classification":
-        facts["labels"] = _label_set_labels(splits, cfg, labels.names, ref, examples)
-    elif cfg.task == "regression":
-        facts["labels"] = _regression_labels(splits, cfg, ref, examples)
-    else:
-        facts["labels"] = _tag_labels(splits, cfg, labels.names, ref, examples)
+    # ---- labels: the facts of the task's kind of labels (LABEL_FACTS, below)
+    facts["labels"] = LABEL_FACTS[task.explore_kind](splits, cfg, labels.names, ref, examples)
 
     # ---- token lengths
     limit = model_max_length(tokenizer)
     per_split = {}
     lengths_by_split = {}
     for name, ds in splits.items():
-        lengths, unknown, total = token_lengths(ds, tokenizer, cfg)
+        lengths, unknown, total = token_lengths(ds, tokenizer, cfg, task)
         lengths_by_split[name] = lengths
         stats = length_stats(lengths)
         truncated = int(sum(1 for n in lengths if n > cfg.max_length))
@@ -375,7 +357,7 @@ def _class_weight_advice(train_counts: dict, names: list[str], ratio) -> dict:
             "balanced": dict(zip(present, weights))}
 
 
-def _regression_labels(splits, cfg, ref, n_examples) -> dict:
+def _regression_labels(splits, cfg, names, ref, n_examples) -> dict:
     import numpy as np
 
     stats, values = {}, {}
@@ -444,6 +426,11 @@ def _tag_labels(splits, cfg, names, ref, n_examples) -> dict:
         "majority_baseline_accuracy": {k: _shares(v)[majority] for k, v in counts.items()},
         "examples": examples,
     }
+
+
+# a task's explore_kind -> the label facts explore gathers for it (explore_report prints each kind)
+LABEL_FACTS = {"classes": _classification_labels, "label_sets": _label_set_labels, "values": _regression_labels,
+               "tags": _tag_labels}
 
 
 @main_guard

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 from fine_tune.core.config import ConfigError, TrainConfig
 from fine_tune.core.runs import Run, load_runs
 from fine_tune.core.tables import fmt_duration, fmt_value, format_table, is_number
+from fine_tune.core.tasks import TASKS
 
 FORMATS = ("markdown", "csv", "json")
 # options that name or route a run but do not change what it computes
@@ -62,8 +63,8 @@ def resolve_metric(name: Optional[str], runs: list[Run]) -> str:
         if first:
             return first
         cfg = runs[0].config if runs else {}
-        base = cfg.get("metric_for_best_model") or {"token-classification": "f1", "regression": "mse"}.get(
-            cfg.get("task"), "accuracy")
+        task = TASKS.get(cfg.get("task"))
+        base = cfg.get("metric_for_best_model") or (task.default_best_metric if task else "accuracy")
         return base if base.startswith("eval_") else f"eval_{base}"
     name = flat_name(name) if "/" in name else name
     logged = {k for r in runs for rec in r.records for k in rec} | {k for r in runs for k in r.results}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from fine_tune.core import tasks
 from fine_tune.core.errors import UserError, first_line
 
 # transformers.get_scheduler's names (checked against transformers in the tests) ...
@@ -34,7 +35,7 @@ HF_SCHEDULERS = (
 # ... plus torch's own schedulers under short names.
 TORCH_SCHEDULERS = ("step", "cosine_annealing", "plateau")
 SCHEDULERS = HF_SCHEDULERS + TORCH_SCHEDULERS
-TASKS = ("text-classification", "multi-label-classification", "token-classification", "regression")
+TASKS = tuple(tasks.TASKS)  # --task choices: the registry's names
 REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "all")
 # --metric names fine_tune computes itself (fine_tune/core/metrics.py): no `evaluate` script is
 # loaded for them; any other name runs a script and needs --trust_remote_code.
@@ -230,8 +231,7 @@ class TrainConfig:
         if self.metric_for_best_model:
             name = self.metric_for_best_model
         else:
-            name = {"token-classification": "f1", "regression": "mse",
-                    "multi-label-classification": "f1_micro"}.get(self.task, "accuracy")
+            name = tasks.task_for(self).default_best_metric
         return name if name.startswith("eval_") else f"eval_{name}"
 
     @property
@@ -258,10 +258,23 @@ class TrainConfig:
 
     # --------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
-        def need(cond, name, allowed):
-            if not cond:
-                raise ConfigError(f"--{name} {getattr(self, name)!r} is not allowed: {allowed}")
+        """Refuse options that cannot work together, each with a one-line error; fill in what
+        follows from the others (--eval_steps)."""
+        self._validate_numbers()
+        self._validate_options()
+        self._validate_labels()
+        bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
+        if bad:
+            raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
+                              f"(comma-separated){_suggest(bad[0], REPORT_TO)}")
+        return self
 
+    def _need(self, cond, name: str, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"--{name} {getattr(self, name)!r} is not allowed: {allowed}")
+
+    def _validate_numbers(self) -> None:
+        need = self._need
         for f in dataclasses.fields(self):  # inf and nan pass most range checks: refuse them first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -297,6 +310,9 @@ class TrainConfig:
             need(value is None or value >= 1, name, "must be an integer >= 1")
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps if self.logging_steps > 1 else 500
+
+    def _validate_options(self) -> None:
+        need = self._need
         for name in ("model_config_overrides", "lr_scheduler_kwargs"):
             value = getattr(self, name)
             if value is not None:
@@ -327,20 +343,15 @@ class TrainConfig:
             need(self.use_peft and self.mixed_precision == "fp16", "torch_dtype",
                  "float16 weights train only with --use_peft (float32 adapters) and --mixed_precision fp16 "
                  "(a gradient scaler); load float32 or bfloat16 instead")
-        self._validate_labels()
-        bad = [t for t in self.report_to.split(",") if t.strip() and t.strip() not in REPORT_TO]
-        if bad:
-            raise ConfigError(f"--report_to {bad[0]!r} is not allowed: choose from {', '.join(REPORT_TO)} "
-                              f"(comma-separated){_suggest(bad[0], REPORT_TO)}")
-        return self
 
     def _validate_labels(self) -> None:
-        classes = ("text-classification", "multi-label-classification")
+        task = tasks.task_for(self)
         if not 0 <= self.label_smoothing_factor < 1:
             raise ConfigError(f"--label_smoothing_factor {self.label_smoothing_factor} is not allowed: "
                               "must be in [0, 1)")
-        if self.label_smoothing_factor and self.task not in ("text-classification", "token-classification"):
-            raise ConfigError(f"--label_smoothing_factor applies to text-classification and token-classification, "
+        if self.label_smoothing_factor and not task.accepts_label_smoothing:
+            smoothed = [n for n, t in tasks.TASKS.items() if t.accepts_label_smoothing]
+            raise ConfigError(f"--label_smoothing_factor applies to {' and '.join(smoothed)}, "
                               f"not to --task {self.task}")
         if not 0 < self.multilabel_threshold < 1:
             raise ConfigError(f"--multilabel_threshold {self.multilabel_threshold} is not allowed: must be in (0, 1)")
@@ -349,7 +360,8 @@ class TrainConfig:
         if isinstance(self.class_weights, str) and self.class_weights.strip().lower() == "none":
             self.class_weights = None  # lets a flag switch off a recipe's weights
         if self.class_weights is not None:
-            if self.task not in classes:
+            if not task.accepts_class_weights:
+                classes = [n for n, t in tasks.TASKS.items() if t.accepts_class_weights]
                 raise ConfigError(f"--class_weights applies to {' and '.join(classes)}, not to --task {self.task}")
             self.class_weight_spec()  # the form is checked here; the label names once the data is read
 
@@ -380,15 +392,14 @@ class TrainConfig:
         """--metric_for_best_model must name a metric this task's evaluation reports. Without
         the labels, any f1_<name> passes for token and multi-label classification; without the names of the
         extra --metric metrics (``extra``, known once they are loaded), any other name passes."""
-        from fine_tune.core.metrics import metric_names
-
         if not self.metric_for_best_model:
             return
         name = self.best_metric[len("eval_"):]
         if self.metric and extra is None:
             return
-        known = metric_names(self.task, label_names, extra or ())
-        per_label = self.task in ("token-classification", "multi-label-classification")  # f1_<type or label>
+        task = tasks.task_for(self)
+        known = task.metric_names(label_names, extra or ())
+        per_label = task.per_label_metrics  # f1_<type or label>
         if name in known or (per_label and not label_names and name.startswith("f1_")):
             return
         raise ConfigError(f"--metric_for_best_model {self.metric_for_best_model!r}: the {self.task} evaluation "

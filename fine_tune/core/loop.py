@@ -1,5 +1,25 @@
-"""The one training loop: setup -> train -> finish -> cleanup, the same code on CPU, GPU, DDP,
-FSDP and DeepSpeed. :class:`TrainingRun` holds the run's state; :func:`run` drives it.
+"""The one training loop, the same code on CPU, GPU, DDP, FSDP and DeepSpeed.
+
+A run is four steps, the methods of :class:`TrainingRun` (which holds the run's state), that
+:func:`run` calls in this order:
+
+1. ``setup``: check every input (options, checkpoint, data, model), then build what training
+   needs (accelerator, labels, tokenized data, model, optimizer, scheduler, loaders, the
+   resumed state). Only at its end, once nothing can fail on bad input, is the output folder
+   written.
+2. ``train``: the loop itself, flat, read top to bottom: each optimizer step's micro-batches
+   (forward, backward), the optimizer step, logging, and evaluation and checkpoints at their
+   strategy's steps. It returns why it stopped, a :class:`StopReason`.
+3. ``save``: what the run leaves, by that reason: the final evaluations, the test split and
+   final/ (completed, early stopping); the last evaluation and no model (pruned by the eval
+   hook); or the checkpoint that a stop signal saved (then resume).
+4. ``cleanup``: release the model, the process group, the trackers and the output folder's
+   lock, once, also after a failure.
+
+:func:`run` returns a :class:`RunOutcome`; the command (``fine-tune train``, train.py) turns a
+stop signal into the exit status ``EXIT_CHECKPOINTED``. What differs by task (data, head,
+loss, metrics) the run's task says (fine_tune.core.tasks); the accelerator and DeepSpeed
+set-up is fine_tune.core.distributed, evaluation fine_tune.core.evaluation.
 
 Features: manual gradient accumulation whose gradient equals the gradient of the mean loss
 over every unit of the optimizer step (example, labelled token, (example, label) pair for
@@ -11,13 +31,11 @@ predictions gathered from all processes without duplicates; best-metric tracking
 stopping, and the best weights kept for final/ (--load_best_model_at_end); one run per
 output folder (a lock), atomic results and checkpoints that hold no pickle, with exact
 mid-epoch resume; signals (TERM, INT, USR1, USR2) that make every process checkpoint at the
-same step (also from inside an evaluation) and exit with ``EXIT_CHECKPOINTED``; a failure on
-one process ends all of them;
+same step (also from inside an evaluation); a failure on one process ends all of them;
 an eval hook (``--eval_hook``, fine_tune.core.hooks) whose "stop" rides on the same vote, so
 that every process ends at the evaluated step ("pruned", no final model).
 
-Limits: one task per run (single- or multi-label classification, token classification or
-regression); FSDP needs GPUs (accelerate's plugin finds no device on CPU); with
+Limits: one task per run; FSDP needs GPUs (accelerate's plugin finds no device on CPU); with
 DeepSpeed the engine steps inside ``backward``, so a non-finite step under bf16/fp32 is
 caught after the update (fp16 overflow is skipped by DeepSpeed's own scaler).
 
@@ -32,85 +50,49 @@ gradient of the step's mean loss (transformers PR #34191, the bug this avoids).
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import json
 import math
-import os
-import resource
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from fine_tune import EXIT_CHECKPOINTED
 from fine_tune.core.config import TrainConfig, save_config
+# KNOWN_PEAK_FLOPS and make_accelerator: also read from here by the benchmark and the tests
+from fine_tune.core.distributed import KNOWN_PEAK_FLOPS, configure_deepspeed, device_peak_flops, \
+    make_accelerator, peak_memory_mb  # noqa: F401
 from fine_tune.core.errors import UserError
+from fine_tune.core.evaluation import EvaluationInterrupted, evaluate
 from fine_tune.core.hooks import load_eval_hook
-
-KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                    "L4": 121e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+from fine_tune.core.tasks import task_for
 
 
 class NonFiniteError(UserError):
     pass
 
 
-# ------------------------------------------------------------------ setup helpers
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+class StopReason(enum.Enum):
+    """Why ``train`` ended; ``save`` acts on it."""
+    COMPLETED = "completed"  # every step ran: final/ and the final metrics
+    EARLY_STOPPING = "early stopping"  # --early_stopping_patience evaluations without improvement: as completed
+    PRUNED = "pruned"  # the eval hook said stop: the last evaluation, no final model
+    SIGNAL = "signal"  # a stop signal: a checkpoint is saved, resume to go on
 
 
-def make_accelerator(cfg: TrainConfig):
-    import torch
-    from accelerate import Accelerator
+@dataclass
+class RunOutcome:
+    """What a run ended with."""
+    stop_reason: StopReason
+    results: Optional[dict]  # the final metrics (eval_results.json); None after a stop signal
+    global_step: int  # the optimizer steps done
 
-    from fine_tune.core.ranks import process_group_kwargs
-
-    use_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
-    has_gpu = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if use_deepspeed and _env_true("ACCELERATE_USE_CPU"):
-        raise UserError("DeepSpeed cannot be combined with use_cpu/--cpu (accelerate would silently fall back "
-                        "to plain DDP); remove use_cpu from the accelerate config")
-    if _env_true("ACCELERATE_USE_FSDP") and not has_gpu:
-        raise UserError("FSDP through accelerate needs GPUs (accelerate's FSDP plugin finds no device on CPU); "
-                        "on CPU use accelerate_configs/cpu_ddp.yaml or a DeepSpeed ZeRO config")
-    if cfg.mixed_precision == "fp16" and not has_gpu:
-        raise UserError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no)")
-    # gloo is the CPU backend; without it accelerate and DeepSpeed disagree on the world size.
-    # --ddp_timeout bounds every collective: a process that died or hangs ends the run.
-    handlers = [process_group_kwargs(cfg, backend="gloo" if not has_gpu and world > 1 else None)]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        cpu=not has_gpu and not use_deepspeed,
-        # no log_with: the trackers are ours (fine_tune.core.tracking), appended to accelerator.trackers
-        kwargs_handlers=handlers,
-    )
-    seen = accelerator.num_processes
-    expected = cfg.expected_world_size or world
-    if seen != expected:
-        raise UserError(f"the launcher asked for {expected} processes but this process sees a world of {seen}; "
-                        "on CPU use accelerate_configs/cpu_ddp.yaml (MULTI_CPU and --cpu start one process)")
-    return accelerator
-
-
-def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
-    """Our flags are the one source of truth: write them into DeepSpeed's config before prepare."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * \
-        accelerator.num_processes
-    ds["gradient_clipping"] = cfg.max_grad_norm
-    ds["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
-    ds["fp16"] = {**(ds.get("fp16") if isinstance(ds.get("fp16"), dict) else {}),
-                  "enabled": cfg.mixed_precision == "fp16"}
-    zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # else ZeRO-3 saves empty weights
+    @property
+    def checkpointed(self) -> bool:
+        """Stopped by a signal after saving a checkpoint: requeue and resume."""
+        return self.stop_reason is StopReason.SIGNAL
 
 
 def prepare_output_dir(cfg: TrainConfig, resume_path: Path | None) -> None:
@@ -131,130 +113,48 @@ def prepare_output_dir(cfg: TrainConfig, resume_path: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def peak_memory_mb() -> dict:
-    import torch
-
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return out
-
-
-def device_peak_flops(cfg: TrainConfig):
-    import torch
-
-    if cfg.peak_flops:
-        return cfg.peak_flops
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in KNOWN_PEAK_FLOPS.items() if k in name), None)
-    return None
-
-
-class EvaluationInterrupted(Exception):
-    """A stop signal arrived during an evaluation: it is abandoned (and redone on resume)."""
-
-
-def stop_requested_anywhere(stop, accelerator) -> bool:
-    """Whether any process got a stop signal (all-reduced, so all processes answer alike)."""
-    if accelerator.num_processes == 1:
-        return stop.requested
-    import torch
-
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return float(accelerator.reduce(flag, reduction="sum")[0]) > 0
-
-
-# ------------------------------------------------------------------ evaluation
-def evaluate(model, loader, accelerator, cfg: TrainConfig, labels, extra_metrics=(), stop=None) -> dict:
-    """Loss and metrics over the whole loader, each example counted once on any world size.
-    With ``stop``, a stop signal on any process ends it (EvaluationInterrupted) at the next batch."""
-    import numpy as np
-    import torch
-
-    from fine_tune.core import metrics as M
-    from fine_tune.core.model import example_losses
-
-    model.eval()
-    losses, units, preds, golds = [], [], [], []
-    no_grad = torch.no_grad() if accelerator.state.deepspeed_plugin else torch.inference_mode()
-    with no_grad:
-        for batch in loader:
-            if stop is not None and stop_requested_anywhere(stop, accelerator):
-                model.train()
-                raise EvaluationInterrupted
-            weight, target = batch.pop("weight"), batch.pop("labels")
-            logits = model(**batch).logits
-            # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
-            n = target.shape[0]
-            per_example = example_losses(logits, target, weight, cfg.task)
-            if cfg.task == "token-classification":
-                count = (target != -100).sum(-1).float()
-                pred = logits.argmax(-1)
-                pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
-                target = accelerator.pad_across_processes(target, dim=1, pad_index=-100)
-            elif cfg.task == "regression":
-                count, pred = torch.ones(n, device=logits.device), logits.squeeze(-1).float()
-            elif cfg.task == "multi-label-classification":  # a loss unit per (example, label) pair
-                count, pred = torch.full((n,), float(target.shape[1]), device=logits.device), logits.float().sigmoid()
-            else:
-                count, pred = torch.ones(n, device=logits.device), logits.argmax(-1)
-            per_example, count, pred, target = accelerator.gather_for_metrics((per_example, count, pred, target))
-            losses.append(per_example.float().cpu())
-            units.append(count.cpu())
-            preds.append(pred.cpu())
-            golds.append(target.cpu())
-    model.train()
-    total_units = float(torch.cat(units).sum())
-    result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0),
-              "samples": sum(len(u) for u in units)}  # each example once, whatever the world size
-    if cfg.task == "token-classification":
-        width = max(p.shape[1] for p in preds)
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100)  # noqa: E731
-        p_all, g_all = torch.cat([pad(p) for p in preds]).numpy(), torch.cat([pad(g) for g in golds]).numpy()
-        names = labels.names
-        pred_tags = [[names[p] for p, g in zip(pr, gr) if g != -100] for pr, gr in zip(p_all, g_all)]
-        true_tags = [[names[g] for g in gr if g != -100] for gr in g_all]
-        result.update(M.entity_metrics(pred_tags, true_tags, names))
-        flat_p, flat_g = [], []
-        for pr, gr in zip(p_all, g_all):
-            mask = gr != -100
-            flat_p.extend(pr[mask]), flat_g.extend(gr[mask])
-        p_arr, g_arr = np.array(flat_p), np.array(flat_g)
-    elif cfg.task == "regression":
-        p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).float().numpy()
-        result.update(M.regression_metrics(p_arr, g_arr))
-    elif cfg.task == "multi-label-classification":
-        scores, g_arr = torch.cat(preds).numpy(), torch.cat(golds).numpy().astype(int)
-        result.update(M.multilabel_metrics(scores, g_arr, labels.names, cfg.multilabel_threshold))
-        p_arr = (scores >= cfg.multilabel_threshold).astype(int)
-    else:
-        p_arr, g_arr = torch.cat(preds).numpy(), torch.cat(golds).numpy()
-        result.update(M.classification_metrics(p_arr, g_arr, labels.num_labels))
-    for metric in extra_metrics:
-        computed = metric.compute(predictions=p_arr.tolist(), references=g_arr.tolist())
-        result.update({f"{metric.name}_{k}" if k in result else k: v for k, v in computed.items()
-                       if isinstance(v, (int, float))})
-    return result
-
-
 # ------------------------------------------------------------------ the run
 class TrainingRun:
-    """One training run as a lifecycle: ``setup`` -> ``train`` -> ``finish`` (or ``checkpoint``
-    on a stop signal) -> ``cleanup``. :func:`run` calls them in that order.
+    """One training run: ``setup`` -> ``train`` -> ``save`` -> ``cleanup`` (module docstring).
 
-    ``train`` is the loop itself, flat, read top to bottom; it calls ``optimizer_step`` at each
-    optimizer-step boundary, ``log`` at logging steps, ``evaluate`` and ``save_checkpoint`` at
-    their strategy's steps.
+    ``train`` calls ``forward_backward`` and ``optimizer_step`` for each optimizer step, ``log``
+    at logging steps, and ``after_step`` for evaluation and checkpoints at their strategy's steps.
     """
 
     def __init__(self, cfg: TrainConfig):
         from fine_tune.core.signals import install_stop_handlers
 
         self.cfg = cfg
+        self.task = task_for(cfg)  # what differs by task: columns, labels, head, loss, metrics
         self.stop = install_stop_handlers()  # the entry point installed them already: the same object
+        # set by setup
+        self.accelerator = None  # accelerate.Accelerator: devices, processes, mixed precision
+        self.world = 1  # number of processes
+        self.lock = None  # the output folder's lock (main process), held until cleanup
+        self.tokenizer = None
+        self.labels = None  # labels.LabelInfo: label names, class weights
+        self.extra_metrics: list = []  # the --metric metrics, computed at each evaluation
+        self.train_ds = None  # the tokenized training split
+        self.sampler = None  # data.StepSampler: the examples of each optimizer step, per rank
+        self.train_loader = None  # data.StepLoader: the collated micro-batches of each step
+        self.eval_loaders: dict = {}  # "validation"/"test" -> prepared DataLoader
+        self.model = None  # the prepared model (DDP, FSDP or DeepSpeed engine around it)
+        self.optimizer = None  # the prepared optimizer
+        self.scheduler = None  # ours, never prepared: stepped once per optimizer update
+        self.class_weights = None  # the training loss's class weights (a tensor), or None
+        self.n_trainable = self.n_params = 0  # parameter counts (the start line, MFU)
+        self.steps_per_epoch = 0  # optimizer steps per epoch
+        self.total_steps = 0  # optimizer steps of the whole run
+        self.state = None  # checkpoint.TrainState: steps, epoch, best metric; saved in checkpoints
+        self.tracker = None  # tracking.Tracker: metrics.jsonl and the trackers of --report_to
+        self.peak_flops = None  # the devices' peak FLOP/s (MFU), or None when unknown
+        self.eval_hook = None  # --eval_hook's callable (main process only), or None
+        # kept by train
         self.evals: dict[int, dict] = {}  # optimizer step -> eval metrics
-        self.lock = None  # the output folder's lock (main process), held for the run's life
+        self.window_loss = None  # the loss summed on the device since the last log
+        self.window: dict = {}  # units, examples, tokens and start time since the last log
+        self.grad_norm = 0.0  # the last optimizer step's gradient norm
+        self.where: dict = {}  # device, topology, precision: in the first training record of each start
         self.prune_requested = False  # the eval hook said stop (main process); voted at the next step
         self.pruned = False  # every rank agreed: stop before applying this step
 
@@ -262,65 +162,90 @@ class TrainingRun:
     def setup(self) -> None:
         """Check every input (options, checkpoint, data, model), then build what training needs.
         Only at the end, once nothing can fail on bad input, is the output folder written."""
-        import torch
         from accelerate.utils import set_seed
 
-        from fine_tune.core import checkpoint, data, fsdp
-        from fine_tune.core.metrics import extra_metric_outputs, load_extra_metric
-        from fine_tune.core.model import check_model_options, load_model, load_tokenizer, parameter_counts
-        from fine_tune.core.optim import build_optimizer, build_scheduler
+        from fine_tune.core import checkpoint
+        from fine_tune.core.metrics import load_extra_metric
+        from fine_tune.core.model import check_model_options, load_tokenizer
         from fine_tune.core.outputs import claim_output_dir
-        from fine_tune.core.ranks import computed_on_main, injected_data_fault
-        from fine_tune.core.tracking import Tracker, truncate_metrics
 
         cfg = self.cfg
         hook_factory = load_eval_hook(cfg.eval_hook)
         self.accelerator = accelerator = make_accelerator(cfg)
-        self.world = world = accelerator.num_processes
+        self.world = accelerator.num_processes
         self.lock = claim_output_dir(accelerator, cfg)  # one run per folder, and every rank sees it
         resume_path = checkpoint.choose_resume(accelerator, cfg)  # rank 0's choice, for every rank
-        check_model_options(cfg)
+        check_model_options(cfg, self.task)
         set_seed(cfg.seed)
         self.extra_metrics = [load_extra_metric(m) for m in cfg.extra_metric_names]
+        self.tokenizer = load_tokenizer(cfg, self.task)
+        timings = {}  # seconds per start-up part
+        tokenized = self.setup_data(timings)
+        self.setup_training(self.setup_model(timings), tokenized)
+        self.setup_state(resume_path)
+        self.setup_outputs(resume_path, timings)
+        self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
 
-        self.tokenizer = load_tokenizer(cfg)
-        timings = {}
+    def setup_data(self, timings: dict) -> dict:
+        """Read the splits, the labels (of the whole training split, checked over whole columns
+        on one process) and tokenize. Returns the tokenized splits."""
+        from fine_tune.core import data
+        from fine_tune.core.metrics import extra_metric_outputs
+        from fine_tune.core.ranks import computed_on_main
+
+        cfg, task = self.cfg, self.task
 
         def read():
-            injected_data_fault()
             splits = data.load_raw_splits(cfg)
             if "train" not in splits:
                 raise UserError("no training data: give --train_file or a --dataset_name with a train split")
             return splits
 
         splits = self.on_each_process(read, "while loading the data", timings, "reading")
-        # the labels of the whole training split, checked over whole columns on one process
         started = time.perf_counter()
-        self.labels = computed_on_main(accelerator, lambda: data.infer_labels(splits, cfg),
+        self.labels = computed_on_main(self.accelerator, lambda: task.infer_labels(splits, cfg),
                                        "while checking the labels")
         timings["labels"] = time.perf_counter() - started
         splits = data.select_train_samples(splits, cfg)
-        tokenized = self.on_each_process(lambda: data.tokenize_splits(splits, self.tokenizer, cfg, self.labels),
+        tokenized = self.on_each_process(lambda: data.tokenize_splits(splits, self.tokenizer, cfg, self.labels, task),
                                          "while tokenizing the data", timings, "tokenizing")
-        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, cfg.task))
-        self.train_ds = train_ds = tokenized["train"]
-        if len(train_ds) < world:
-            raise UserError(f"{len(train_ds)} training examples cannot feed {world} processes; "
+        cfg.check_metric_for_best_model(self.labels.names, extra_metric_outputs(self.extra_metrics, task))
+        self.train_ds = tokenized["train"]
+        if len(self.train_ds) < self.world:
+            raise UserError(f"{len(self.train_ds)} training examples cannot feed {self.world} processes; "
                             "use fewer processes or more data")
+        return tokenized
+
+    def setup_model(self, timings: dict):
+        """The task's model (LoRA-wrapped with --use_peft), not yet prepared."""
+        import torch
+
+        from fine_tune.core.model import load_model, parameter_counts
+
         started = time.perf_counter()
-        model = load_model(cfg, self.labels, self.tokenizer)
+        model = load_model(self.cfg, self.labels, self.tokenizer, self.task)
         timings["model"] = time.perf_counter() - started
         self.n_trainable, self.n_params = parameter_counts(model)
         # the training loss's class weights (evaluation reports the plain loss: unweighted, unsmoothed)
         self.class_weights = None if self.labels.class_weights is None else \
-            torch.tensor(self.labels.class_weights, device=accelerator.device)
-        optimizer = build_optimizer(model, cfg)
+            torch.tensor(self.labels.class_weights, device=self.accelerator.device)
+        return model
 
-        self.sampler = data.StepSampler(train_ds["length"], train_ds["n_units"], cfg.per_device_train_batch_size,
-                                        cfg.gradient_accumulation_steps, world, accelerator.process_index, cfg.seed,
-                                        cfg.group_by_length)
-        collator = data.Collator(self.tokenizer, cfg)
-        self.train_loader = data.StepLoader(train_ds, self.sampler, collator, cfg.dataloader_num_workers)
+    def setup_training(self, model, tokenized: dict) -> None:
+        """Optimizer, step sampler and loaders, scheduler; then the model, optimizer and
+        evaluation loaders prepared by the accelerator."""
+        import torch
+
+        from fine_tune.core import data, fsdp
+        from fine_tune.core.optim import build_optimizer, build_scheduler
+
+        cfg, accelerator = self.cfg, self.accelerator
+        optimizer = build_optimizer(model, cfg)
+        self.sampler = data.StepSampler(self.train_ds["length"], self.train_ds["n_units"],
+                                        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, self.world,
+                                        accelerator.process_index, cfg.seed, cfg.group_by_length)
+        collator = data.Collator(self.tokenizer, cfg, self.task)
+        self.train_loader = data.StepLoader(self.train_ds, self.sampler, collator, cfg.dataloader_num_workers)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
@@ -339,15 +264,27 @@ class TrainingRun:
         if cfg.load_best and "validation" not in self.eval_loaders:
             raise UserError("--load_best_model_at_end needs a validation split to pick the best weights: give "
                             "--validation_file, or a --validation_split_percentage above 0")
-        self.state = state = checkpoint.TrainState(world_size=world)
+
+    def setup_state(self, resume_path: Path | None) -> None:
+        """A fresh training state, or the checkpoint's (weights, optimizer, scheduler, RNG, step)."""
+        from fine_tune.core import checkpoint, data
+
+        accelerator = self.accelerator
+        self.state = state = checkpoint.TrainState(world_size=self.world)
         checkpoint.save_trainable_weights_only(accelerator)  # LoRA: checkpoints hold what trains
         if resume_path is not None:
             checkpoint.load_checkpoint(accelerator, resume_path, state, self.scheduler)
             accelerator.print(f"resumed from {resume_path} at step {state.global_step} "
                               f"(epoch {state.epoch}, step {state.step_in_epoch} of {self.steps_per_epoch})")
-        state.data_fingerprint = data.data_fingerprint(cfg)  # what the checkpoints of this run were trained on
-        # every input (data, model, checkpoint) is checked by now: only from here on is the output
-        # directory written, so a failed start never damages an earlier run
+        state.data_fingerprint = data.data_fingerprint(self.cfg)  # what the checkpoints of this run were trained on
+
+    def setup_outputs(self, resume_path: Path | None, timings: dict) -> None:
+        """Every input (data, model, checkpoint) is checked by now: only from here on is the output
+        directory written, so a failed start never damages an earlier run. Then the tracker."""
+        from fine_tune.core import checkpoint
+        from fine_tune.core.tracking import Tracker, truncate_metrics
+
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
         if accelerator.is_main_process:
             prepare_output_dir(cfg, resume_path)
             if resume_path is not None:
@@ -357,7 +294,7 @@ class TrainingRun:
                                   "starting fresh")
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         accelerator.wait_for_everyone()
-        run_config = {**cfg.to_dict(), "world_size": world, "distributed_type": str(accelerator.distributed_type),
+        run_config = {**cfg.to_dict(), "world_size": self.world, "distributed_type": str(accelerator.distributed_type),
                       "n_params": self.n_params, "n_trainable_params": self.n_trainable,
                       "steps_per_epoch": self.steps_per_epoch,
                       "total_steps": self.total_steps,
@@ -366,7 +303,6 @@ class TrainingRun:
         accelerator.print("start-up: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in timings.items()))
         self.tracker = Tracker(accelerator, cfg, state, run_config)
         self.peak_flops = device_peak_flops(cfg)
-        self.eval_hook = hook_factory(cfg) if hook_factory is not None and accelerator.is_main_process else None
 
     def on_each_process(self, work, stage: str, timings: dict, part: str):
         """``work()`` on every process, the main one first (the others then read what it cached);
@@ -388,15 +324,15 @@ class TrainingRun:
         return result
 
     # ---------------------------------------------------------------- train
-    def train(self) -> str | None:
-        """The training loop. Returns why it stopped early ("signal", "pruned", "early stopping") or None."""
+    def train(self) -> StopReason:
+        """The training loop. Returns why it stopped."""
         import torch
         from tqdm.auto import tqdm
 
-        from fine_tune.core.model import describe_parameters, example_losses
+        from fine_tune.core.model import describe_parameters
         from fine_tune.core.topology import describe_run
 
-        cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
         where = describe_run(accelerator, cfg.mixed_precision)  # device, topology, precision in words
         accelerator.print(
             f"training {cfg.model_name_or_path} ({describe_parameters(self.n_trainable, self.n_params)}) on "
@@ -404,41 +340,18 @@ class TrainingRun:
             f"({self.world} process(es) x {cfg.per_device_train_batch_size} x "
             f"{cfg.gradient_accumulation_steps} accumulation), {', '.join(where.values())}")
         self.where = where  # metrics.jsonl: in the first training record of this start
-        model.train()
-        device = accelerator.device
-        # see the module docstring: backward divides by the accumulation steps and the all-reduce
-        # averages over ranks; this undoes both so the step's gradient is that of its mean loss
-        loss_scale = self.world * accelerator.gradient_accumulation_steps
-        self.window_loss = torch.zeros((), device=device)  # summed on the device, read only when logging
+        self.model.train()
+        self.window_loss = torch.zeros((), device=accelerator.device)  # summed on the device, read only when logging
         self.window = {"units": 0, "examples": 0, "tokens": 0, "time": time.perf_counter()}
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
                         disable=not accelerator.is_local_main_process or cfg.disable_tqdm)
-        stop_reason = None
-        if state.pending_eval:  # a stop signal interrupted this step's evaluation: it comes first
-            state.pending_eval = False
-            if not self.evaluate_unless_stopped():
-                self.save_checkpoint()
-                return "signal"
-            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
-                stop_reason = "early stopping"
+        stop_reason = self.pending_evaluation()
         while state.global_step < self.total_steps and stop_reason is None:
             for step in self.train_loader.iterate(state.epoch, state.step_in_epoch):
-                micro_batches = step.micro_batches
-                for j, batch in enumerate(micro_batches):
-                    last = j == len(micro_batches) - 1
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    weight, target = batch.pop("weight"), batch.pop("labels")
-                    # gradients are all-reduced only on the last micro-batch of the step
-                    accelerator.sync_gradients = last
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        logits = model(**batch).logits
-                        local = example_losses(logits, target, weight, cfg.task, self.class_weights,
-                                               cfg.label_smoothing_factor).sum()
-                        accelerator.backward(local * (loss_scale / step.units))
-                    self.window_loss += local.detach()
+                self.forward_backward(step)
                 stop_votes = self.optimizer_step()
                 if self.pruned:
-                    stop_reason = "pruned"
+                    stop_reason = StopReason.PRUNED
                     break
                 state.global_step += 1
                 state.step_in_epoch += 1
@@ -449,34 +362,77 @@ class TrainingRun:
 
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == self.total_steps:
                     self.log(progress)
-                end_of_epoch = state.step_in_epoch >= self.steps_per_epoch
-                new_best = False
-                if "validation" in self.eval_loaders and (
-                        (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
-                        or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                    result = self.evaluate_unless_stopped()
-                    if result is None:
-                        stop_votes = 1
-                    else:
-                        new_best = state.best_step == state.global_step
-                        if self.eval_hook is not None:  # the evaluation's number is the same after a resume
-                            number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
-                                else state.epoch + 1
-                            self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
-                    if cfg.early_stopping_patience and \
-                            state.evals_without_improvement >= cfg.early_stopping_patience:
-                        stop_reason = "early stopping"
-                if end_of_epoch:
-                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                if stop_votes > 0:
-                    stop_reason = "signal"
-                if (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
-                        (cfg.save_strategy == "epoch" and end_of_epoch) or stop_reason == "signal" or \
-                        (new_best and cfg.load_best):  # the best weights are always on disk to load at the end
-                    self.save_checkpoint()
+                stop_reason = self.after_step(stop_votes)
                 if state.global_step >= self.total_steps or stop_reason:
                     break
         progress.close()
+        return stop_reason or StopReason.COMPLETED
+
+    def pending_evaluation(self) -> StopReason | None:
+        """A stop signal interrupted this step's evaluation before the resume: it comes first."""
+        cfg, state = self.cfg, self.state
+        if not state.pending_eval:
+            return None
+        state.pending_eval = False
+        if not self.validate_unless_stopped():
+            self.save_checkpoint()
+            return StopReason.SIGNAL
+        if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+            return StopReason.EARLY_STOPPING
+        return None
+
+    def forward_backward(self, step) -> None:
+        """The micro-batches of one optimizer step: forward, loss, backward; the gradients are
+        all-reduced on the last micro-batch only."""
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        device = accelerator.device
+        # see the module docstring: backward divides by the accumulation steps and the all-reduce
+        # averages over ranks; this undoes both so the step's gradient is that of its mean loss
+        loss_scale = self.world * accelerator.gradient_accumulation_steps
+        micro_batches = step.micro_batches
+        for j, batch in enumerate(micro_batches):
+            last = j == len(micro_batches) - 1
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            weight, target = batch.pop("weight"), batch.pop("labels")
+            accelerator.sync_gradients = last
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                logits = model(**batch).logits
+                local = self.task.example_losses(logits, target, weight, self.class_weights,
+                                                 cfg.label_smoothing_factor).sum()
+                accelerator.backward(local * (loss_scale / step.units))
+            self.window_loss += local.detach()
+
+    def after_step(self, stop_votes: float) -> StopReason | None:
+        """After an optimizer step: evaluate and checkpoint at their strategy's steps (a checkpoint
+        also on a stop signal, and of each new best with --load_best_model_at_end, so that the best
+        weights are always on disk to load at the end). Returns why the run stops here, if it does."""
+        cfg, state = self.cfg, self.state
+        stop_reason = None
+        end_of_epoch = state.step_in_epoch >= self.steps_per_epoch
+        new_best = False
+        if "validation" in self.eval_loaders and (
+                (cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0)
+                or (cfg.eval_strategy == "epoch" and end_of_epoch)):
+            result = self.validate_unless_stopped()
+            if result is None:
+                stop_votes = 1
+            else:
+                new_best = state.best_step == state.global_step
+                if self.eval_hook is not None:  # the evaluation's number is the same after a resume
+                    number = state.global_step // cfg.eval_steps if cfg.eval_strategy == "steps" \
+                        else state.epoch + 1
+                    self.prune_requested = bool(self.eval_hook(state.global_step, number, result))
+            if cfg.early_stopping_patience and \
+                    state.evals_without_improvement >= cfg.early_stopping_patience:
+                stop_reason = StopReason.EARLY_STOPPING
+        if end_of_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if stop_votes > 0:
+            stop_reason = StopReason.SIGNAL
+        if (cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0) or \
+                (cfg.save_strategy == "epoch" and end_of_epoch) or stop_reason is StopReason.SIGNAL or \
+                (new_best and cfg.load_best):
+            self.save_checkpoint()
         return stop_reason
 
     def optimizer_step(self) -> float:
@@ -557,14 +513,17 @@ class TrainingRun:
                          state.global_step)
 
     # ---------------------------------------------------------------- evaluate
-    def evaluate(self) -> dict:
+    def evaluate_split(self, split: str, stop=None) -> dict:
+        """Loss and the task's metrics on ``split`` (a stop signal ends it when ``stop`` is given)."""
+        return evaluate(self.model, self.eval_loaders[split], self.accelerator, self.task, self.labels, self.cfg,
+                        self.extra_metrics, stop)
+
+    def validate(self) -> dict:
         """Evaluate on the validation split; track the best metric; step a plateau scheduler."""
         from fine_tune.core.optim import is_plateau
 
         cfg, state = self.cfg, self.state
-        result = evaluate(self.model, self.eval_loaders["validation"], self.accelerator, cfg, self.labels,
-                          self.extra_metrics, self.stop)
-        result = {f"eval_{k}": v for k, v in result.items()}
+        result = {f"eval_{k}": v for k, v in self.evaluate_split("validation", self.stop).items()}
         self.log_event(result)
         value = result.get(cfg.best_metric)
         if value is None:
@@ -585,10 +544,10 @@ class TrainingRun:
         self.evals[state.global_step] = result
         return result
 
-    def evaluate_unless_stopped(self) -> dict | None:
-        """Evaluate; None if a stop signal interrupted it (it then runs first on resume)."""
+    def validate_unless_stopped(self) -> dict | None:
+        """Validate; None if a stop signal interrupted it (it then runs first on resume)."""
         try:
-            return self.evaluate()
+            return self.validate()
         except EvaluationInterrupted:
             self.state.pending_eval = True
             self.accelerator.print(f"evaluation of step {self.state.global_step} interrupted by the stop request; "
@@ -617,7 +576,7 @@ class TrainingRun:
                                f"{state.best_metric:.4f}) for final/ and the test metrics")
         return state.best_step
 
-    def finish(self) -> dict:
+    def save_final(self) -> dict:
         """The last evaluation (unless this step was just evaluated), the test split, and
         final/: the model and tokenizer that `transformers.pipeline` loads (and final/adapter/ with LoRA).
         With --load_best_model_at_end all three come from the best evaluation's weights."""
@@ -629,15 +588,12 @@ class TrainingRun:
         model_step = self.load_best_model()
         if "validation" in self.eval_loaders:
             if model_step not in self.evals and model_step == state.global_step:
-                self.evaluate()
+                self.validate()
             elif model_step not in self.evals:  # the best evaluation came before a resume: evaluate it again
-                self.evals[model_step] = {f"eval_{k}": v for k, v in evaluate(
-                    self.model, self.eval_loaders["validation"], accelerator, cfg, self.labels,
-                    self.extra_metrics).items()}
+                self.evals[model_step] = {f"eval_{k}": v for k, v in self.evaluate_split("validation").items()}
             results.update(self.evals[model_step])
         if "test" in self.eval_loaders:
-            test = {f"test_{k}": v for k, v in evaluate(self.model, self.eval_loaders["test"], accelerator, cfg,
-                                                       self.labels, self.extra_metrics, self.stop).items()}
+            test = {f"test_{k}": v for k, v in self.evaluate_split("test", self.stop).items()}
             self.log_event(test)
             results.update(test)
         final_dir = Path(cfg.output_dir) / "final"
@@ -656,7 +612,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         return results
 
-    def finish_pruned(self) -> dict:
+    def save_pruned(self) -> dict:
         """A run the eval hook stopped: its last evaluation in eval_results.json with
         ``"status": "pruned"``; no final model. Every rank says where it stopped."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
@@ -673,46 +629,59 @@ class TrainingRun:
         return results
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Set up, train, evaluate, save. Returns the final metrics (``"status": "pruned"`` and no final
-    model when the eval hook stopped the run); exits with ``EXIT_CHECKPOINTED`` after a stop signal
-    (a checkpoint was saved: requeue and resume)."""
+    def save(self, stop_reason: StopReason) -> RunOutcome:
+        """What the run leaves, by why it stopped: final/ and the final metrics (completed, early
+        stopping); the last evaluation and no model (pruned); the checkpoint a stop signal saved.
+        A stop signal during the final evaluations checkpoints too: they run on resume."""
+        results = None
+        if stop_reason is StopReason.PRUNED:
+            results = self.save_pruned()
+        elif stop_reason is not StopReason.SIGNAL:
+            try:
+                results = self.save_final()
+            except EvaluationInterrupted:
+                self.accelerator.print("final evaluation interrupted by the stop request")
+                self.save_checkpoint()
+                stop_reason = StopReason.SIGNAL
+        if stop_reason is StopReason.SIGNAL:
+            from fine_tune.core.checkpoint import latest_checkpoint
+
+            self.accelerator.print(
+                f"stopped by a signal at step {self.state.global_step}: checkpoint saved in "
+                f"{latest_checkpoint(self.cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
+                f"(exit status {EXIT_CHECKPOINTED})")
+        return RunOutcome(stop_reason=stop_reason, results=results, global_step=self.state.global_step)
+
+    # ---------------------------------------------------------------- cleanup
+    def cleanup(self, failed: bool = False) -> None:
+        """Release what the run holds, once: the model, optimizer and loaders before the process
+        group (gloo processes otherwise abort at exit now and then: 'terminate called without an
+        active exception'), then the trackers and the process group, and last the output folder's
+        lock. After a failure only the lock: the run has ended, and the folder is free."""
+        lock, accelerator, self.lock = self.lock, self.accelerator, None
+        try:
+            if not failed and accelerator is not None:
+                for name in ("model", "optimizer", "scheduler", "train_loader", "eval_loaders", "train_ds",
+                             "sampler", "window_loss", "class_weights", "tracker", "eval_hook"):
+                    setattr(self, name, None)
+                accelerator.free_memory()
+                gc.collect()
+                accelerator.end_training()  # closes the trackers (main process) and the process group
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def run(cfg: TrainConfig) -> RunOutcome:
+    """One training run: setup -> train -> save -> cleanup. Returns its outcome (final metrics,
+    ``"status": "pruned"`` when the eval hook stopped it, or a stop signal's checkpoint); the
+    caller turns a stop signal into ``EXIT_CHECKPOINTED``."""
     training = TrainingRun(cfg)
     try:
         training.setup()
-        stop_reason = training.train()
-        results = None
-        if stop_reason == "pruned":
-            results = training.finish_pruned()
-        elif stop_reason != "signal":
-            try:
-                results = training.finish()
-            except EvaluationInterrupted:  # the final evaluations: checkpoint, and they run on resume
-                training.accelerator.print("final evaluation interrupted by the stop request")
-                training.save_checkpoint()
-                stop_reason = "signal"
+        outcome = training.save(training.train())
     except BaseException:
-        if training.lock is not None:  # a run that failed has ended: the folder is free
-            training.lock.release()
+        training.cleanup(failed=True)
         raise
-    lock = training.lock
-    if stop_reason == "signal":
-        from fine_tune.core.checkpoint import latest_checkpoint
-
-        training.accelerator.print(
-            f"stopped by a signal at step {training.state.global_step}: checkpoint saved in "
-            f"{latest_checkpoint(cfg.output_dir)}; rerun with --resume_from_checkpoint latest "
-            f"(exit status {EXIT_CHECKPOINTED})")
-    accelerator = training.accelerator
-    # cleanup: the model, optimizer and loaders go with the run object, before the process group
-    # (gloo processes otherwise abort at exit now and then: 'terminate called without an active
-    # exception')
-    del training
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()  # closes the trackers (main process) and the process group
-    if lock is not None:
-        lock.release()
-    if stop_reason == "signal":
-        sys.exit(EXIT_CHECKPOINTED)
-    return results
+    training.cleanup()
+    return outcome

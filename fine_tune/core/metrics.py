@@ -14,28 +14,8 @@ import numpy as np
 from fine_tune.core.errors import UserError, first_line
 
 
-# The names of the metrics each task's evaluation produces (prefixed eval_/test_ by the loop).
-# The metric functions below return exactly these keys (checked in the tests), so that
-# --metric_for_best_model can be checked before any work.
-TASK_METRICS = {
-    "text-classification": ("loss", "accuracy", "precision_weighted", "recall_weighted", "f1_weighted",
-                            "precision_macro", "recall_macro", "f1_macro"),
-    "multi-label-classification": ("loss", "accuracy", "hamming_loss", "precision_micro", "recall_micro",
-                                   "f1_micro", "precision_macro", "recall_macro", "f1_macro"),  # and f1_<label>
-    "token-classification": ("loss", "precision", "recall", "f1", "accuracy"),  # and f1_<entity type>
-    "regression": ("loss", "mse", "mae", "pearson", "spearman"),
-}
-
-
-def metric_names(task: str, label_names=(), extra=()) -> list[str]:
-    """Every metric an evaluation of this task reports: the built-in ones, one F1 per entity
-    type for token classification, and the names the extra ``--metric`` metrics return."""
-    names = list(TASK_METRICS[task])
-    if task == "token-classification":
-        names += sorted({f"f1_{etype}" for etype in (split_tag(t)[1] for t in label_names) if etype})
-    elif task == "multi-label-classification":
-        names += [f"f1_{name}" for name in label_names]
-    return names + [n for n in extra if n not in names]
+# Which metrics a task reports, and their names, each task says (fine_tune.core.tasks); the
+# functions below return exactly the names the tasks list (checked in the tests).
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
@@ -156,7 +136,7 @@ def load_extra_metric(name: str):
                         "metric script path; accuracy, precision, recall and F1 are built in") from None
 
 
-def extra_metric_outputs(metrics, task: str) -> list[str]:
+def extra_metric_outputs(metrics, task) -> list[str]:
     """The names the extra --metric metrics add to an evaluation (as the loop names them),
     learnt by scoring two predictions: a metric that cannot score this task fails here, before work."""
     names = []
@@ -164,8 +144,8 @@ def extra_metric_outputs(metrics, task: str) -> list[str]:
         try:
             computed = metric.compute(predictions=[0, 1], references=[0, 1])
         except Exception as e:  # noqa: BLE001 - the metric's own checks
-            raise UserError(f"--metric {metric.name}: it cannot score {task} predictions ({first_line(e)})") from None
-        names += [f"{metric.name}_{k}" if k in TASK_METRICS[task] else k for k, v in (computed or {}).items()
+            raise UserError(f"--metric {metric.name}: it cannot score {task.name} predictions ({first_line(e)})") from None
+        names += [f"{metric.name}_{k}" if k in task.metrics else k for k, v in (computed or {}).items()
                   if isinstance(v, (int, float))]
     return names
 

@@ -1,4 +1,5 @@
-"""Model and tokenizer loading, and the loss the loop optimises.
+"""Model and tokenizer loading (the task says which model class and how its head is set), LoRA,
+and final/.
 
 ``from_pretrained`` is the one code path: a hub id (``bert-base-uncased``) where the hub is
 reachable, a local folder otherwise, and ``all-MiniLM-L6-v2`` for the MiniLM shipped in the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from fine_tune.core.config import DEFAULT_MODEL
 from fine_tune.core.errors import UserError, first_line
+from fine_tune.core.tasks import as_task, task_for
 
 
 def resolve_model_path(name: str) -> str:
@@ -47,13 +49,11 @@ def _wrap_load_error(name: str, err: Exception) -> UserError:
                      f"(or the default {DEFAULT_MODEL!r})")
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg, task=None):
     from transformers import AutoTokenizer
 
     name = resolve_model_path(cfg.tokenizer_name or cfg.model_name_or_path)
-    kwargs = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.task == "token-classification" and _needs_prefix_space(name):
-        kwargs["add_prefix_space"] = True
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, **(task or task_for(cfg)).tokenizer_kwargs(name)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
@@ -69,11 +69,6 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def _needs_prefix_space(name: str) -> bool:
-    # byte-level BPE tokenizers (GPT-2, RoBERTa) need it for pre-split words
-    return any(k in name.lower() for k in ("roberta", "gpt", "bart", "deberta"))
-
-
 def check_load_options(cfg) -> None:
     """Refuse loading choices that cannot work here, before anything is loaded."""
     import torch
@@ -84,12 +79,6 @@ def check_load_options(cfg) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package "
                             "(pip install flash-attn); or use sdpa")
-
-
-def _model_class(task: str):
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
 
 
 def load_config(cfg, overrides: bool = True):
@@ -156,7 +145,7 @@ def max_positions(config):
     return limit
 
 
-def check_model_options(cfg) -> None:
+def check_model_options(cfg, task=None) -> None:
     """What would fail (or go silently wrong) in the middle of a run, checked from the model's
     config before any work: --max_length past the position embeddings, and overrides that
     change a weight's shape (from_pretrained would re-initialise that weight at random)."""
@@ -169,7 +158,7 @@ def check_model_options(cfg) -> None:
     overrides = cfg.json_field("model_config_overrides")
     if not overrides:
         return
-    cls = _model_class(cfg.task)
+    cls = (task or task_for(cfg)).model_class()
     try:
         shapes = [weight_shapes(cls, c) for c in (original, config)]
     except (ValueError, TypeError) as e:  # the config's own consistency checks
@@ -182,21 +171,15 @@ def check_model_options(cfg) -> None:
                         "(dropout, for example)")
 
 
-def load_model(cfg, labels, tokenizer=None):
+def load_model(cfg, labels, tokenizer=None, task=None):
+    """The task's model with its head set for ``labels`` (LoRA-wrapped with --use_peft)."""
+    task = task or task_for(cfg)
     name = resolve_model_path(cfg.model_name_or_path)
     config = load_config(cfg)
-    if cfg.task == "regression":
-        config.num_labels, config.problem_type = 1, "regression"
-    else:
-        config.num_labels = labels.num_labels
-        config.id2label, config.label2id = labels.id2label, labels.label2id
-        if cfg.task == "text-classification":
-            config.problem_type = "single_label_classification"
-        elif cfg.task == "multi-label-classification":  # pipeline() then applies a sigmoid per label
-            config.problem_type = "multi_label_classification"
+    task.configure_head(config, labels)
     if tokenizer is not None and config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    cls = _model_class(cfg.task)
+    cls = task.model_class()
     try:
         # a head of another size (a checkpoint fine-tuned on other labels) is re-initialised,
         # as the labels of this data ask; transformers reports it in its load report. Overrides
@@ -211,7 +194,7 @@ def load_model(cfg, labels, tokenizer=None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, task)
     _check_weight_dtypes(model, cfg)
     return model
 
@@ -243,11 +226,11 @@ def task_heads(model) -> list[str]:
             if name != body and any(True for _ in child.parameters())]
 
 
-def apply_lora(model, cfg):
+def apply_lora(model, cfg, task=None):
     """Wrap the model in a peft LoRA model: adapters on the target modules, the task head (or
     --lora_modules_to_save) trained in full, everything else frozen."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
@@ -264,8 +247,7 @@ def apply_lora(model, cfg):
     # the task head trains in full, so it never gets an adapter too (peft's all-linear leaves out
     # only heads it knows by name)
     exclude = [n for n in modules if n and any(n == h or n.startswith(h + ".") for h in to_save)]
-    task_type = TaskType.TOKEN_CLS if cfg.task == "token-classification" else TaskType.SEQ_CLS
-    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    lora = LoraConfig(task_type=(task or task_for(cfg)).peft_type(), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, exclude_modules=exclude or None, modules_to_save=to_save)
     # The adapter's initial weights depend on the seed alone, not on what loading the base model
     # consumed from the random stream (ZeRO-3's zero.Init loads differently): every topology
@@ -370,31 +352,6 @@ def save_final(model, state_dict: dict, final_dir, tokenizer) -> None:
     tokenizer.save_pretrained(final_dir)
 
 
-def example_losses(logits, labels, weight, task: str, class_weights=None, label_smoothing: float = 0.0):
-    """Per-example loss *sums* (over labelled tokens for token classification, over labels for
-    multi-label), times the example's weight (0 for the sampler's stand-ins).
-
-    The loop sums these and divides by the loss units of the whole optimizer step, over all
-    micro-batches and ranks (the data's ``n_units``), so that accumulation and data parallelism
-    give the gradient of one big batch: examples; labelled tokens for NER; (example, label)
-    pairs for multi-label; with ``class_weights`` for single-label, the weights of the
-    examples' classes. Each is then exactly torch's own mean-reduced loss over the step:
-    ``CrossEntropyLoss(weight=class_weights, label_smoothing=...)`` or
-    ``BCEWithLogitsLoss(pos_weight=class_weights)``. Evaluation calls this without class
-    weights and smoothing.
-    """
-    import torch.nn.functional as F
-
-    logits = logits.float()
-    if task == "regression":
-        return (logits.squeeze(-1) - labels.float()) ** 2 * weight
-    if task == "multi-label-classification":
-        per_pair = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=class_weights,
-                                                      reduction="none")
-        return per_pair.sum(-1) * weight
-    if task == "token-classification":
-        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100,
-                                    label_smoothing=label_smoothing)
-        return per_token.view(labels.shape).sum(-1) * weight
-    return F.cross_entropy(logits, labels, weight=class_weights, reduction="none",
-                           label_smoothing=label_smoothing) * weight
+def example_losses(logits, labels, weight, task, class_weights=None, label_smoothing: float = 0.0):
+    """Per-example loss sums of ``task`` (a task or its name): see ``Task.example_losses``."""
+    return as_task(task).example_losses(logits, labels, weight, class_weights, label_smoothing)

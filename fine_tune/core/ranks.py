@@ -11,15 +11,9 @@ processes when one exits with an error).
 
 from __future__ import annotations
 
-import os
-import time
 from datetime import timedelta
 
 from fine_tune.core.errors import UserError, first_line
-
-# tests: "RANK:raise" or "RANK:hang" makes that process fail, or stop answering, while it
-# loads the data (a failure on one node, such as a full or missing disk, cannot be staged here)
-DATA_FAULT_ENV = "FINE_TUNE_TEST_DATA_FAULT"
 
 
 class PeerFailed(UserError):
@@ -94,13 +88,3 @@ def accelerator_timeout(accelerator) -> int | str:
     handler = getattr(accelerator, "init_handler", None)
     timeout = getattr(handler, "timeout", None)
     return int(timeout.total_seconds()) if timeout else "?"
-
-
-def injected_data_fault() -> None:
-    """The fault DATA_FAULT_ENV asks of this process, if any (tests only)."""
-    rank, _, kind = os.environ.get(DATA_FAULT_ENV, "").partition(":")
-    if rank and rank == os.environ.get("RANK", "0"):
-        if kind == "hang":
-            time.sleep(3600)
-        raise OSError(f"{DATA_FAULT_ENV}: simulated failure of process {rank} at unix time {time.time():.3f} "
-                      "while loading the data")

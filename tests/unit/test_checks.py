@@ -137,14 +137,15 @@ def test_metric_functions_report_exactly_the_names_the_checks_use():
     import numpy as np
 
     from fine_tune.core import metrics as M
+    from fine_tune.core.tasks import TASKS
 
     cls = M.classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), 2)
-    assert ["loss", *cls] == list(M.TASK_METRICS["text-classification"])
+    assert ["loss", *cls] == list(TASKS["text-classification"].metrics)
     reg = M.regression_metrics(np.array([0.1, 0.5, 0.9]), np.array([0.0, 0.6, 1.0]))
-    assert ["loss", *reg] == list(M.TASK_METRICS["regression"])
+    assert ["loss", *reg] == list(TASKS["regression"].metrics)
     names = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]
     ner = M.entity_metrics([["B-PER", "O"]], [["B-PER", "O"]], names)
-    assert sorted(["loss", *ner]) == sorted(M.metric_names("token-classification", names))  # f1_LOC too
+    assert sorted(["loss", *ner]) == sorted(TASKS["token-classification"].metric_names(names))  # f1_LOC too
 
 
 def test_metric_for_best_model_is_checked_at_parse_time():
