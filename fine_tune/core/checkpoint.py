@@ -145,6 +145,9 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         write_atomic(root / "latest", final.name + "\n")
         keep = {final.name} | ({f"step_{state.best_step}"} if state.best_step is not None else set())
         rotate(root, cfg.save_total_limit, keep)
+        from fine_tune.core.elastic import remove_universal
+
+        remove_universal(root)  # a conversion for another world size was loaded: no longer needed
     accelerator.wait_for_everyone()
     return final
 
@@ -221,16 +224,26 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
 def choose_resume(accelerator, cfg: TrainConfig) -> Optional[Path]:
     """Rank 0 picks the checkpoint to resume (or none), verifies its manifest and settings and
     checks the output folder; every rank resumes from that choice, whatever it would read itself."""
-    def pick() -> Optional[str]:
+    def pick() -> Optional[tuple]:
         path = resolve_resume(cfg)
+        fitted = None
         if path is not None:
             verify_manifest(path)
-            check_compatible(path, cfg, accelerator.num_processes)
+            fitted = check_compatible(path, cfg, accelerator.num_processes)
         check_output_dir(cfg, path)
-        return None if path is None else str(path)
+        return None if path is None else (str(path), fitted)
 
     chosen = on_main(accelerator, pick)
-    return None if chosen is None else Path(chosen)
+    if chosen is None:
+        return None
+    path, fitted = Path(chosen[0]), chosen[1]
+    if fitted is not None:  # another world size: the same global batch, split for this one
+        from fine_tune.core import elastic
+
+        accelerator.print(elastic.describe_fit(tuple(fitted["saved"]), tuple(fitted["now"]),
+                                               accelerator.num_processes))
+        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps = fitted["now"]
+    return path
 
 
 def read_state(path: Path) -> TrainState:
@@ -241,30 +254,42 @@ def read_state(path: Path) -> TrainState:
                         "in the same folder") from None
 
 
-def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse a checkpoint whose maths-changing options differ from this run's."""
+def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> Optional[dict]:
+    """Refuse a checkpoint whose maths-changing options differ from this run's. On another world
+    size the global batch must be the same (:func:`fine_tune.core.elastic.fit_global_batch`);
+    returns the per-device batch and accumulation that keep it (``{"saved": (batch,
+    accumulation, world), "now": (batch, accumulation)}``) when they differ from the options."""
     import yaml
 
+    from fine_tune.core import elastic
+
     if cfg.ignore_config_mismatch:
-        return
+        return None
     try:
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"checkpoint {path} is corrupt (config.yaml: {e})") from None
     current = cfg.to_dict()
+    saved_state = read_state(path)
+    fitted = None
+    split = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    if saved_state.world_size != world_size and all(k in saved for k in split):
+        asked = (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        before = (int(saved[split[0]]), int(saved[split[1]]), int(saved_state.world_size))
+        now = elastic.fit_global_batch(before, asked, world_size)
+        fitted = {"saved": before, "now": now}
+        current.update(zip(split, (saved[split[0]], saved[split[1]])))  # compared through the global batch
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
              for k in MATHS_FIELDS if k in saved and saved.get(k) != current.get(k)]
     from fine_tune.core.data import data_fingerprint
 
-    saved_state = read_state(path)
-    if saved_state.world_size != world_size:
-        diffs.append(f"world size: checkpoint {saved_state.world_size}, now {world_size}")
     if saved_state.data_fingerprint and saved_state.data_fingerprint != data_fingerprint(cfg):
         diffs.append("the content of the training or validation data differs (its fingerprint)")
     if diffs:
         raise UserError(f"checkpoint {path} was made with different settings ({'; '.join(diffs)}); "
                         "resuming would change the maths. Use the same settings, or pass "
                         "--ignore_config_mismatch to resume anyway")
+    return fitted
 
 
 def _is_deepspeed(accelerator) -> bool:
@@ -342,11 +367,24 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
     is not damage (out of memory, another library version, another model), and is not called so."""
     import torch
 
-    try:
+    from fine_tune.core import elastic
+    from fine_tune.core.outputs import on_main
+
+    def convert() -> str:
         with _weights_only_loads(accelerator):
+            return str(elastic.convert_to_universal(path))
+
+    try:
+        source, resharding = path, contextlib.nullcontext()
+        if _is_deepspeed(accelerator) and elastic.saved_world_size(path) != accelerator.num_processes:
+            # ZeRO partitions by rank: another world size loads DeepSpeed's universal form of it
+            source, resharding = Path(on_main(accelerator, convert)), elastic.universal_loading(accelerator)
+        with _weights_only_loads(accelerator), resharding:
             # DeepSpeed: a checkpoint without the frozen weights (LoRA) loads over the pre-trained ones
-            accelerator.load_state(str(path), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+            accelerator.load_state(str(source),
+                                   **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
+        state.world_size = accelerator.num_processes  # the next checkpoint is this world's
         if scheduler is not None:
             scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     except (MemoryError, torch.OutOfMemoryError):
