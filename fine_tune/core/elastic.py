@@ -96,7 +96,7 @@ def convert_to_universal(path: Path, engine_dir: str = "pytorch_model") -> Path:
             (staged / item.name).symlink_to(item.resolve())
     args = Namespace(input_folder=str(path / engine_dir), output_folder=str(staged / engine_dir),
                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                     inject_missing_state=False)
+                     inject_missing_state=True)  # a plain model has no model-parallel layout to record
     with _quiet():
         ds_to_universal.main(args)
     # the engine's own model file (its step count, the module for ZeRO-1/2) sits beside zero/
@@ -109,14 +109,15 @@ def convert_to_universal(path: Path, engine_dir: str = "pytorch_model") -> Path:
 
 
 class _quiet:
-    """ds_to_universal prints progress to stdout: keep it off the run's log."""
+    """ds_to_universal prints its progress: keep it off the run's log (an error is raised as usual)."""
 
     def __enter__(self):
         import contextlib
         import io
 
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        self._redirect.__enter__()
+        self._redirect = contextlib.ExitStack()
+        self._redirect.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._redirect.enter_context(contextlib.redirect_stderr(io.StringIO()))  # its progress bars
 
     def __exit__(self, *exc):
         return self._redirect.__exit__(*exc)
@@ -127,19 +128,32 @@ def engines(accelerator) -> list:
 
 
 class universal_loading:
-    """Inside, every DeepSpeed engine of ``accelerator`` loads checkpoints in universal form."""
+    """Inside, every DeepSpeed engine of ``accelerator`` loads checkpoints in universal form.
+
+    ZeRO-3's universal load gives every parameter group the hyper-parameters of the first
+    (``param_group[key] = value`` for each group): the biases and LayerNorm weights would get
+    weight decay. Each group's own weight decay (an option, the same in the checkpoint) is put
+    back after the load. It also gives every group the same step-counter tensor, which torch's
+    AdamW increments in place: each optimizer step would count once per group (wrong bias
+    correction for all groups but the first); each group gets its own copy."""
 
     def __init__(self, accelerator):
-        self.configs = [e._config for e in engines(accelerator)]
+        self.engines = engines(accelerator)
 
     def __enter__(self):
-        self.previous = [c.load_universal_checkpoint for c in self.configs]
-        for c in self.configs:
-            c.load_universal_checkpoint = True
+        self.previous = [e._config.load_universal_checkpoint for e in self.engines]
+        self.decay = [[g.get("weight_decay") for g in e.optimizer.param_groups] for e in self.engines]
+        for e in self.engines:
+            e._config.load_universal_checkpoint = True
 
     def __exit__(self, *exc):
-        for c, value in zip(self.configs, self.previous):
-            c.load_universal_checkpoint = value
+        for e, value, decay in zip(self.engines, self.previous, self.decay):
+            e._config.load_universal_checkpoint = value
+            for group, wd in zip(e.optimizer.param_groups, decay):
+                group["weight_decay"] = wd
+            for state in e.optimizer.state.values():  # one step counter each (see the docstring)
+                if hasattr(state.get("step"), "clone"):
+                    state["step"] = state["step"].clone()
 
 
 def remove_universal(root: Path, keep: Optional[str] = None) -> None:
