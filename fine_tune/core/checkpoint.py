@@ -43,6 +43,7 @@ from fine_tune.core.outputs import check_output_dir, fsync_dir, fsync_tree, on_m
 STATE_FILE = "train_state.json"
 SCHEDULER_FILE = "scheduler.json"
 MANIFEST_FILE = "manifest.json"
+LABELS_FILE = "labels.json"  # the label names, for `fine-tune export`
 CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename
 
 
@@ -132,6 +133,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
+        (tmp / LABELS_FILE).write_text(json.dumps({"names": _label_names(accelerator)}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
@@ -150,6 +152,15 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         remove_universal(root)  # a conversion for another world size was loaded: no longer needed
     accelerator.wait_for_everyone()
     return final
+
+
+def _label_names(accelerator) -> list[str]:
+    """The model's label names in id order (none for regression)."""
+    model = accelerator.unwrap_model(accelerator._models[0])
+    config = getattr(model, "get_base_model", lambda: model)().config
+    if getattr(config, "problem_type", None) == "regression":
+        return []
+    return [config.id2label[i] for i in sorted(int(k) for k in config.id2label)] if config.id2label else []
 
 
 def _step_of(path: Path) -> int:
@@ -343,15 +354,19 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-@contextlib.contextmanager
 def _weights_only_loads(accelerator):
+    return weights_only_loads(_is_deepspeed(accelerator))
+
+
+@contextlib.contextmanager
+def weights_only_loads(deepspeed: bool):
     """Every ``torch.load`` inside (accelerate's, DeepSpeed's) uses weights_only=True, even
     where the caller asked for weights_only=False."""
     import torch
 
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    allowed = _deepspeed_safe_globals() if _is_deepspeed(accelerator) else []
+    allowed = _deepspeed_safe_globals() if deepspeed else []
     try:
         with torch.serialization.safe_globals(allowed):
             yield
