@@ -43,11 +43,7 @@ def checkpoint_tensors(path: Path):
     import torch
 
     if (path / "model.safetensors").exists():  # one process, DDP
-        from safetensors import safe_open
-
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        yield from _safetensors_read(path / "model.safetensors")
         return
     if (path / "pytorch_model").is_dir():  # DeepSpeed: accelerate's tag
         yield from _deepspeed_tensors(path)
@@ -58,6 +54,29 @@ def checkpoint_tensors(path: Path):
         return
     raise UserError(f"{path} holds no model weights fine_tune knows (model.safetensors, pytorch_model/, "
                     "pytorch_model_fsdp_0/)")
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_read(file: Path):
+    """Each tensor of a safetensors file, read into its own memory with plain reads: a memory
+    map (safe_open) would keep every page it touched resident until the file is closed, a
+    second copy of the weights in the process's memory."""
+    import torch
+
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = meta["data_offsets"]
+            tensor = torch.empty(meta["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]]))
+            f.seek(8 + header_size + start)
+            if end > start:
+                f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            yield name, tensor
 
 
 def _deepspeed_tensors(path: Path):
