@@ -85,9 +85,64 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
 
-def write_manifest(folder: Path) -> None:
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(folder)}
+def _threads(n_files: int, local_processes: int = 1) -> int:
+    """Hashing threads for one process: its share of the node's cores (hashlib releases the
+    GIL on large buffers, so files hash in parallel)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(n_files, cores // max(local_processes, 1)))
+
+
+def _hash_files(folder: Path, names: list[str], threads: int) -> dict:
+    """name -> {"size", "sha256"}, the files hashed in parallel by ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> tuple[str, dict]:
+        path = folder / name
+        return name, {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+    if threads <= 1 or len(names) <= 1:
+        return dict(map(one, names))
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(pool.map(one, names))
+
+
+def _shares(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The files split over ``n`` processes by size (largest first, to the least loaded)."""
+    loads, shares = [0] * n, [[] for _ in range(n)]
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += sizes[name]
+    return shares
+
+
+def write_manifest(folder: Path, accelerator=None) -> None:
+    """List every file of ``folder`` with its size and sha256 in ``manifest.json``. With an
+    accelerator, every process must call it: the main process lists the files, each process
+    hashes its share (by size) with its share of the node's cores, and the main process writes
+    the manifest. The hashing is the save's largest cost after the writing itself."""
+    world = 1 if accelerator is None else accelerator.num_processes
+    if world == 1:
+        names = [p.relative_to(folder).as_posix() for p in _files(folder)]
+        files = _hash_files(folder, names, _threads(len(names)))
+    else:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        box = [{p.relative_to(folder).as_posix(): p.stat().st_size for p in _files(folder)}
+               if accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)  # one listing: every rank hashes from the same
+        share = _shares(box[0], world)[accelerator.process_index]
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        mine = _hash_files(folder, share, _threads(len(share), local))
+        files = {}
+        for part in gather_object([mine]):
+            files.update(part)
+        if not accelerator.is_main_process:
+            return
+    files = dict(sorted(files.items()))
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -109,7 +164,9 @@ def verify_manifest(path: Path) -> None:
         size = present[name].stat().st_size
         if size != meta["size"]:
             raise corrupt(f"{name} has {size} bytes, {meta['size']} were saved")
-        if _sha256(present[name]) != meta["sha256"]:
+    hashed = _hash_files(path, sorted(listed), _threads(len(listed)))
+    for name, meta in listed.items():
+        if hashed[name]["sha256"] != meta["sha256"]:
             raise corrupt(f"{name} differs from what was saved (sha256)")
     extra = sorted(set(present) - set(listed))
     if extra:
@@ -135,8 +192,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
         (tmp / LABELS_FILE).write_text(json.dumps({"names": _label_names(accelerator)}))
     accelerator.wait_for_everyone()
+    write_manifest(tmp, accelerator)  # every process hashes its share
     if accelerator.is_main_process:
-        write_manifest(tmp)
         fsync_tree(tmp)
         if os.environ.get(CRASH_HOOK_ENV) == str(state.global_step):
             raise RuntimeError(f"{CRASH_HOOK_ENV} is set: simulated crash before renaming {tmp.name}")
