@@ -13,7 +13,8 @@ label names, and the tokenizer; with LoRA the adapter merged into the base model
 Memory: the model is built once (the base model's weights: with LoRA the frozen ones are
 needed; in a full fine-tune they are overwritten) and each checkpoint tensor is read, copied
 into it and dropped in turn (safetensors and DeepSpeed's files are memory-mapped), so the
-peak stays near one copy of the weights in the saved dtype. The checkpoint is checked against
+peak stays near one copy of the weights in the saved dtype (FSDP's sharded checkpoint is read
+whole, as torch's ``dcp_to_torch_save`` reads it: one more copy). The checkpoint is checked against
 its manifest first, and nothing in it is unpickled beyond tensors.
 """
 
@@ -48,10 +49,10 @@ def checkpoint_tensors(path: Path):
     if (path / "pytorch_model").is_dir():  # DeepSpeed: accelerate's tag
         yield from _deepspeed_tensors(path)
         return
-    fsdp = sorted(path.glob("pytorch_model_fsdp*"))
-    if fsdp:
-        yield from _fsdp_tensors(fsdp[0])
-        return
+    for fsdp in (path / "pytorch_model_fsdp_0", path / "pytorch_model_fsdp.bin"):  # sharded, full state
+        if fsdp.exists():
+            yield from _fsdp_tensors(fsdp)
+            return
     raise UserError(f"{path} holds no model weights fine_tune knows (model.safetensors, pytorch_model/, "
                     "pytorch_model_fsdp_0/)")
 
@@ -109,11 +110,12 @@ def _fsdp_tensors(folder: Path):
         yield from state.items()
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
 
+    # as torch's own dcp_to_torch_save reads one (the whole state at once: one more copy)
     state: dict = {}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(),
-             no_dist=True)
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
     model = state.get("model", state)
     for name in list(model):
         yield name, model.pop(name)
