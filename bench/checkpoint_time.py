@@ -2,15 +2,17 @@
 
     python bench/checkpoint_time.py               # the default MiniLM shape (22.7M parameters)
     python bench/checkpoint_time.py bert-base     # 110M
-    python bench/checkpoint_time.py bert-large    # 335M: 5.4 GB of checkpoint, ~5 GB of memory
+    python bench/checkpoint_time.py bert-large    # 335M: a 3.75 GiB checkpoint, 5 GiB of memory
+    accelerate launch --config_file accelerate_configs/cpu_ddp.yaml --num_processes 2 bench/checkpoint_time.py bert-base
 
 Builds a BERT of the chosen shape with random weights and a filled AdamW state (fp32
 moments, as after a step: no backward is run, so a large shape fits in memory), then saves
 it through the loop's own ``checkpoint.save_checkpoint`` (accelerate's model and optimizer
 files, RNG states, train_state.json, scheduler.json, config.yaml, the manifest's sha256 of
 every file, fsync, rename) ``--repeats`` times, and times the parts: the files written, the
-manifest (its hashing, as now: the files in parallel threads) and the fsync. The hashing is
-also timed file after file on one thread, as the manifest was written before. Prints the
+manifest (its hashing, as now: each process its share of the files, in parallel threads) and
+the fsync. The hashing is also timed as the manifest was written before: the main process,
+file after file. Prints the
 medians, the rates per byte, and the projection of the whole save of a 1.3B, 7B and 70B
 model from those rates (see docs/reliability.md for the assumptions behind it).
 """
@@ -81,18 +83,24 @@ def main() -> None:
             start = time.perf_counter()
             folder = C.save_checkpoint(accelerator, cfg, state, scheduler)
             saves.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for f in C._files(folder):  # as before: one file after the other, on one thread
-                C._sha256(f)
-            serial.append(time.perf_counter() - start)
+            if accelerator.is_main_process:
+                start = time.perf_counter()
+                for f in C._files(folder):  # as before: the main process, one file after the other
+                    C._sha256(f)
+                serial.append(time.perf_counter() - start)
+            accelerator.wait_for_everyone()
         size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
         n_params = sum(p.numel() for p in model.parameters())
+        accelerator.wait_for_everyone()  # before the folder goes
+    if not accelerator.is_main_process:
+        return
     med = statistics.median
     save, manifest, fsync, hash_serial = med(saves), med(parts["manifest"]), med(parts["fsync"]), med(serial)
     write = save - manifest - fsync
     mb = size / 1e6
     print(f"{args.shape}-shaped BERT: {n_params / 1e6:.1f}M parameters, checkpoint {size / 2 ** 30:.2f} GiB; "
-          f"medians of {args.repeats} saves (torch threads {torch.get_num_threads()}):")
+          f"medians of {args.repeats} saves on {accelerator.num_processes} process(es) "
+          f"(torch threads {torch.get_num_threads()}):")
     print(f"  whole save {save:.2f} s = files written {write:.2f} s ({mb / write:.0f} MB/s) + manifest "
           f"{manifest:.2f} s ({mb / manifest:.0f} MB/s, parallel threads) + fsync {fsync:.2f} s")
     print(f"  hashing as before (one thread, file after file): {hash_serial:.2f} s ({mb / hash_serial:.0f} MB/s); "
