@@ -59,8 +59,15 @@ def main() -> None:
     from fine_tune.core.config import TrainConfig
     from fine_tune.core.optim import build_optimizer, build_scheduler
 
+    from accelerate.utils import broadcast_object_list
+
     layers, hidden, intermediate = SHAPES[args.shape]
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    accelerator = Accelerator(cpu=True)
+    with tempfile.TemporaryDirectory(dir=args.dir) as mine:
+        box = [mine]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(box, from_process=0)  # every process saves into the main one's folder
+        tmp = box[0]
         cfg = TrainConfig(output_dir=tmp, save_total_limit=1).validate()
         model = BertForSequenceClassification(BertConfig(
             num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
@@ -71,7 +78,6 @@ def main() -> None:
                 optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(param) * 1e-3,
                                           "exp_avg_sq": torch.rand_like(param) * 1e-6}
         scheduler = build_scheduler(optimizer, cfg, 100)
-        accelerator = Accelerator(cpu=True)
         model, optimizer = accelerator.prepare(model, optimizer)
         state = C.TrainState()
         parts = {"manifest": [], "fsync": []}
@@ -107,7 +113,7 @@ def main() -> None:
           f"the save as before: {write + hash_serial + fsync:.2f} s")
     bytes_per_param = size / n_params
     print(f"  {bytes_per_param:.1f} bytes per parameter here (fp32 weights + AdamW moments); projected at "
-          f"{BYTES_PER_PARAMETER} bytes per parameter, at this machine's rates on one process:")
+          f"{BYTES_PER_PARAMETER} bytes per parameter, at the rates measured here:")
     for name, billions in (("1.3B", 1.3), ("7B", 7), ("70B", 70)):
         total = billions * 1e9 * BYTES_PER_PARAMETER / 1e6  # MB
         print(f"    {name}: {total / 1e3:.0f} GB, write {total / (mb / write):.0f} s + hash before "
