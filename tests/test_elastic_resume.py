@@ -107,7 +107,7 @@ def test_resume_on_another_world_size(name, reference, tiny_model):
     assert f"{split} keeps the global batch of 8" in resumed.stdout
     state = json.loads((out / "checkpoints" / "step_8" / "train_state.json").read_text())
     assert state["world_size"] == after  # the next resume compares with this world
-    assert not list((out / "checkpoints").glob(".universal-*"))  # a conversion lives until the next save
+    assert not list((out / "checkpoints").glob(".universal-*"))  # a conversion is removed once loaded
     relative = check_same_run(out, reference)
     print(f"{name}: worst relative weight difference {relative:.2e}")
 

@@ -206,7 +206,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         rotate(root, cfg.save_total_limit, keep)
         from fine_tune.core.elastic import remove_universal
 
-        remove_universal(root)  # a conversion for another world size was loaded: no longer needed
+        remove_universal(root)  # a conversion left by a crash while loading it
     accelerator.wait_for_everyone()
     return final
 
@@ -455,6 +455,10 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
             # DeepSpeed: a checkpoint without the frozen weights (LoRA) loads over the pre-trained ones
             accelerator.load_state(str(source),
                                    **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+        if source != path:  # the conversion served its one load (every rank is done with it)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(source, ignore_errors=True)
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
         state.world_size = accelerator.num_processes  # the next checkpoint is this world's
         if scheduler is not None:

@@ -16,7 +16,8 @@ What must be resharded:
   partitions into one folder per parameter (fp32 weights, Adam moments), which any number of
   ranks loads (``load_universal``). The conversion is written next to the checkpoint, in
   ``checkpoints/.universal-step_N/`` (it never alters a checkpoint, whose manifest stays
-  true), once, by the main process; it is removed when the run saves its next checkpoint.
+  true), once, by the main process; it is removed once loaded (one left by a crash while
+  loading goes with the run's next save).
 - FSDP: accelerate saves through torch distributed checkpoint (``SHARDED_STATE_DICT``) or
   one full state (``FULL_STATE_DICT``); both are resharded on load by torch, so nothing is
   converted.
