@@ -5,11 +5,12 @@ Layout::
     OUTPUT_DIR/checkpoints/step_<N>/   accelerate state (model safetensors, optimizer, scaler, every
                                        process's RNG: tensors only, loaded with weights_only=True),
                                        train_state.json (our TrainState), scheduler.json (the
-                                       scheduler's state), config.yaml, manifest.json
+                                       scheduler's state), config.yaml, labels.json (the
+                                       label names, for `fine-tune export`), manifest.json
     OUTPUT_DIR/checkpoints/latest      text file naming the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_<N>``, listed in ``manifest.json`` (every file's
-size and sha256), fsynced, and renamed; ``latest`` is replaced atomically after the rename.
+size and sha256, each process hashing its share of the files), fsynced, and renamed; ``latest`` is replaced atomically after the rename.
 A crash at any point leaves the previous checkpoint as ``latest``, and a half-written folder
 never has the name resume looks for. On resume the manifest is checked first: a damaged or
 foreign file is reported as corruption before anything is loaded, so a load error that
@@ -22,6 +23,9 @@ DeepSpeed's own loader too).
 
 With frozen weights (LoRA) a checkpoint holds only the trainable ones and their optimizer
 state: the frozen ones are the pre-trained model's, loaded again at resume.
+
+A checkpoint resumes on another number of processes with the same global batch
+(:mod:`fine_tune.core.elastic`: the split, and DeepSpeed's resharding).
 """
 
 from __future__ import annotations
