@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import BertConfig, BertForSequenceClassification
 
     from fine_tune.core.checkpoint import write_manifest
@@ -48,7 +48,8 @@ def main() -> None:
 
         from fine_tune.core.model import resolve_model_path
 
-        AutoTokenizer.from_pretrained(resolve_model_path(TrainConfig().model_name_or_path)).save_pretrained(tmp / "base")
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(TrainConfig().model_name_or_path))
+        tokenizer.save_pretrained(tmp / "base")
         ckpt = tmp / "run" / "checkpoints" / "step_1"
         ckpt.mkdir(parents=True)
         with torch.no_grad():
@@ -67,10 +68,10 @@ def main() -> None:
                        check=True, capture_output=True)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        n = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(
-            str(tmp / "exported" / "model.safetensors")).values())
-    print(f"BERT {args.layers} layers, hidden {args.hidden}: {n / 1e6:.0f}M parameters, weights {weights / 2 ** 30:.2f} "
-          f"GiB (fp32); export peak RSS {peak / 2 ** 30:.2f} GiB ({peak / weights:.2f}x the weights), {seconds:.0f} s")
+        n = sum(t.numel() for t in load_file(str(tmp / "exported" / "model.safetensors")).values())
+    print(f"BERT {args.layers} layers, hidden {args.hidden}: {n / 1e6:.0f}M parameters, weights "
+          f"{weights / 2 ** 30:.2f} GiB (fp32); export peak RSS {peak / 2 ** 30:.2f} GiB "
+          f"({peak / weights:.2f}x the weights), {seconds:.0f} s")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 def checkpoint_tensors(path: Path):
     """(name, tensor) for every weight the checkpoint holds, read one at a time; names as in
     the training model's state_dict (PEFT's names with LoRA), values in the saved dtype."""
-    import torch
-
     if (path / "model.safetensors").exists():  # one process, DDP
         yield from _safetensors_read(path / "model.safetensors")
         return

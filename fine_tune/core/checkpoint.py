@@ -10,7 +10,8 @@ Layout::
     OUTPUT_DIR/checkpoints/latest      text file naming the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_<N>``, listed in ``manifest.json`` (every file's
-size and sha256, each process hashing its share of the files), fsynced, and renamed; ``latest`` is replaced atomically after the rename.
+size and sha256, each process hashing its share of the files), fsynced, and renamed;
+``latest`` is replaced atomically after the rename.
 A crash at any point leaves the previous checkpoint as ``latest``, and a half-written folder
 never has the name resume looks for. On resume the manifest is checked first: a damaged or
 foreign file is reported as corruption before anything is loaded, so a load error that
