@@ -4,6 +4,7 @@
     fine-tune prepare-data                              # the default data sets into data/
     fine-tune explore --config recipes/sentiment.yaml   # label balance, lengths, truncation, samples
     fine-tune predict --model runs/sentiment/final --text "What a lovely day"
+    fine-tune export runs/sentiment/checkpoints/step_400 model_400   # a plain model from a checkpoint
     fine-tune compare runs/*                            # one table (and a plot) of finished runs
     fine-tune bench                                     # throughput against the transformers Trainer
     fine-tune submit --nodes 2 -- --config recipes/sentiment.yaml   # Slurm (submitit)
@@ -22,6 +23,7 @@ COMMANDS = {
     "prepare-data": "fine_tune.commands.prepare_data",
     "explore": "fine_tune.commands.explore",
     "predict": "fine_tune.commands.predict",
+    "export": "fine_tune.commands.export",
     "compare": "fine_tune.commands.compare",
     "bench": "fine_tune.commands.bench",
     "submit": "fine_tune.launchers.slurm",

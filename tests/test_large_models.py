@@ -10,6 +10,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,6 +139,14 @@ def test_decoder_classifier_trains_predicts_and_loads_in_a_pipeline(setup, mode)
     saved = load_weights(ckpt)
     assert saved and all("lora_" in k or "modules_to_save" in k for k in saved)
     assert sum(v.numel() for v in saved.values()) < 0.7 * sum(v.numel() for v in load_weights(final).values())
+    # `fine-tune export` of the last checkpoint: the merged model equals final/, and
+    # --adapter_only final/adapter, weight for weight
+    for flags, folder, theirs in (([], "exported", final), (["--adapter_only"], "adapter_only", final / "adapter")):
+        subprocess.run([sys.executable, "-m", "fine_tune", "export", str(ckpt), str(out / folder), *flags], cwd=ROOT,
+                       env=ENV, check=True, capture_output=True)
+        name = "adapter_model.safetensors" if flags else "model.safetensors"
+        mine, ref = load_weights_file(out / folder / name), load_weights_file(theirs / name)
+        assert sorted(mine) == sorted(ref) and all(torch.equal(mine[k], ref[k]) for k in ref), folder
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -188,6 +197,12 @@ def lora_reference(setup):
 
     initial = get_peft_model_state_dict(load_model(cfg, Labels, load_tokenizer(cfg)))
     return {"out": out, "initial": {k: v.detach().clone() for k, v in initial.items()}}
+
+
+def load_weights_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def adapter_of(out):

@@ -150,7 +150,7 @@ GOLDEN_DRY_RUN = """\
 #SBATCH --output=<tmp>/big/slurm_logs/dry_run/%j_0_log.out
 #SBATCH --partition=gpu
 #SBATCH --requeue
-#SBATCH --signal=USR2@120
+#SBATCH --signal=USR2@180
 #SBATCH --time=240
 #SBATCH --wckey=submitit
 

@@ -5,15 +5,18 @@ topology (as users make runs comparable; under ZeRO-3 the override check once fa
 float32, the same data (61 examples: the last optimizer step is
 short and splits unevenly over two ranks) and the same *global* batch of 8. After 8
 optimizer steps the weights of every topology must match one process with batch 8 to
-TOLERANCE of the largest weight change. Real processes: `accelerate launch` with gloo,
+TOLERANCE of the largest weight change, and `fine-tune export` of each topology's last checkpoint
+must equal its final/ exactly. Real processes: `accelerate launch` with gloo,
 and a real DeepSpeed engine on its CPU accelerator.
 """
 
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
+import torch
 
 from conftest import ENV, ROOT, free_port, launch_cmd, max_change, read_metrics, relative_difference, run_train, \
     small_files, train_args
@@ -97,10 +100,24 @@ def test_same_weights_as_one_process(name, reference, dropout_model):
     config, nproc, bs, acc, launch = TOPOLOGIES[name]
     out = reference["tmp"] / name.replace(" ", "_").replace(",", "").replace(".", "")
     proc = run_train(compared_args(dropout_model, reference["files"], out, per_device_train_batch_size=bs,
-                          gradient_accumulation_steps=acc), config, nproc, extra_launch=launch)
+                                   gradient_accumulation_steps=acc, save_strategy="steps", save_steps=STEPS),
+                     config, nproc, extra_launch=launch)
     assert f"({nproc or 1} process(es) x {bs} x {acc} accumulation)" in proc.stdout
     assert_where(proc, out, config)
     weights = reloaded(out / "final")  # ZeRO-3: the gathered full weights, reloaded by from_pretrained
+    # `fine-tune export` of the last checkpoint (this topology's own files) is final/, exactly
+    exported = out / "exported"
+    subprocess.run([sys.executable, "-m", "fine_tune", "export", str(out / "checkpoints" / f"step_{STEPS}"),
+                    str(exported)], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    again = reloaded(exported)
+    assert sorted(again) == sorted(weights) and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert json.loads((exported / "config.json").read_text())["id2label"] == \
+        json.loads((out / "final" / "config.json").read_text())["id2label"]
+    def tokenizer(folder):  # less the truncation and padding state that tokenizing the data left in final/'s
+        return {k: v for k, v in json.loads((folder / "tokenizer.json").read_text()).items()
+                if k not in ("truncation", "padding")}
+
+    assert tokenizer(exported) == tokenizer(out / "final")
     assert max_change(reference["weights"], reference["init"]) > 6e-3  # it trained (8 steps of lr <= 3e-3)
     assert relative_difference(weights, reference["weights"], reference["init"]) < TOLERANCE
     # the logged loss is the global step mean (all ranks), not rank 0's

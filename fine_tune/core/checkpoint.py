@@ -5,11 +5,13 @@ Layout::
     OUTPUT_DIR/checkpoints/step_<N>/   accelerate state (model safetensors, optimizer, scaler, every
                                        process's RNG: tensors only, loaded with weights_only=True),
                                        train_state.json (our TrainState), scheduler.json (the
-                                       scheduler's state), config.yaml, manifest.json
+                                       scheduler's state), config.yaml, labels.json (the
+                                       label names, for `fine-tune export`), manifest.json
     OUTPUT_DIR/checkpoints/latest      text file naming the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_<N>``, listed in ``manifest.json`` (every file's
-size and sha256), fsynced, and renamed; ``latest`` is replaced atomically after the rename.
+size and sha256, each process hashing its share of the files), fsynced, and renamed;
+``latest`` is replaced atomically after the rename.
 A crash at any point leaves the previous checkpoint as ``latest``, and a half-written folder
 never has the name resume looks for. On resume the manifest is checked first: a damaged or
 foreign file is reported as corruption before anything is loaded, so a load error that
@@ -22,6 +24,9 @@ DeepSpeed's own loader too).
 
 With frozen weights (LoRA) a checkpoint holds only the trainable ones and their optimizer
 state: the frozen ones are the pre-trained model's, loaded again at resume.
+
+A checkpoint resumes on another number of processes with the same global batch
+(:mod:`fine_tune.core.elastic`: the split, and DeepSpeed's resharding).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from fine_tune.core.outputs import check_output_dir, fsync_dir, fsync_tree, on_m
 STATE_FILE = "train_state.json"
 SCHEDULER_FILE = "scheduler.json"
 MANIFEST_FILE = "manifest.json"
+LABELS_FILE = "labels.json"  # the label names, for `fine-tune export`
 CRASH_HOOK_ENV = "FINE_TUNE_TEST_CRASH_BEFORE_RENAME"  # tests: =N fails saving step N before the rename
 
 
@@ -84,9 +90,64 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
 
-def write_manifest(folder: Path) -> None:
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(folder)}
+def _threads(n_files: int, local_processes: int = 1) -> int:
+    """Hashing threads for one process: its share of the node's cores (hashlib releases the
+    GIL on large buffers, so files hash in parallel)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(n_files, cores // max(local_processes, 1)))
+
+
+def _hash_files(folder: Path, names: list[str], threads: int) -> dict:
+    """name -> {"size", "sha256"}, the files hashed in parallel by ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> tuple[str, dict]:
+        path = folder / name
+        return name, {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+    if threads <= 1 or len(names) <= 1:
+        return dict(map(one, names))
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(pool.map(one, names))
+
+
+def _shares(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The files split over ``n`` processes by size (largest first, to the least loaded)."""
+    loads, shares = [0] * n, [[] for _ in range(n)]
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += sizes[name]
+    return shares
+
+
+def write_manifest(folder: Path, accelerator=None) -> None:
+    """List every file of ``folder`` with its size and sha256 in ``manifest.json``. With an
+    accelerator, every process must call it: the main process lists the files, each process
+    hashes its share (by size) with its share of the node's cores, and the main process writes
+    the manifest. The hashing is the save's largest cost after the writing itself."""
+    world = 1 if accelerator is None else accelerator.num_processes
+    if world == 1:
+        names = [p.relative_to(folder).as_posix() for p in _files(folder)]
+        files = _hash_files(folder, names, _threads(len(names)))
+    else:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        box = [{p.relative_to(folder).as_posix(): p.stat().st_size for p in _files(folder)}
+               if accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)  # one listing: every rank hashes from the same
+        share = _shares(box[0], world)[accelerator.process_index]
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        mine = _hash_files(folder, share, _threads(len(share), local))
+        files = {}
+        for part in gather_object([mine]):
+            files.update(part)
+        if not accelerator.is_main_process:
+            return
+    files = dict(sorted(files.items()))
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -108,7 +169,9 @@ def verify_manifest(path: Path) -> None:
         size = present[name].stat().st_size
         if size != meta["size"]:
             raise corrupt(f"{name} has {size} bytes, {meta['size']} were saved")
-        if _sha256(present[name]) != meta["sha256"]:
+    hashed = _hash_files(path, sorted(listed), _threads(len(listed)))
+    for name, meta in listed.items():
+        if hashed[name]["sha256"] != meta["sha256"]:
             raise corrupt(f"{name} differs from what was saved (sha256)")
     extra = sorted(set(present) - set(listed))
     if extra:
@@ -132,9 +195,10 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
+        (tmp / LABELS_FILE).write_text(json.dumps({"names": _label_names(accelerator)}))
     accelerator.wait_for_everyone()
+    write_manifest(tmp, accelerator)  # every process hashes its share
     if accelerator.is_main_process:
-        write_manifest(tmp)
         fsync_tree(tmp)
         if os.environ.get(CRASH_HOOK_ENV) == str(state.global_step):
             raise RuntimeError(f"{CRASH_HOOK_ENV} is set: simulated crash before renaming {tmp.name}")
@@ -145,8 +209,20 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         write_atomic(root / "latest", final.name + "\n")
         keep = {final.name} | ({f"step_{state.best_step}"} if state.best_step is not None else set())
         rotate(root, cfg.save_total_limit, keep)
+        from fine_tune.core.elastic import remove_universal
+
+        remove_universal(root)  # a conversion left by a crash while loading it
     accelerator.wait_for_everyone()
     return final
+
+
+def _label_names(accelerator) -> list[str]:
+    """The model's label names in id order (none for regression)."""
+    model = accelerator.unwrap_model(accelerator._models[0])
+    config = getattr(model, "get_base_model", lambda: model)().config
+    if getattr(config, "problem_type", None) == "regression":
+        return []
+    return [config.id2label[i] for i in sorted(int(k) for k in config.id2label)] if config.id2label else []
 
 
 def _step_of(path: Path) -> int:
@@ -221,16 +297,26 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
 def choose_resume(accelerator, cfg: TrainConfig) -> Optional[Path]:
     """Rank 0 picks the checkpoint to resume (or none), verifies its manifest and settings and
     checks the output folder; every rank resumes from that choice, whatever it would read itself."""
-    def pick() -> Optional[str]:
+    def pick() -> Optional[tuple]:
         path = resolve_resume(cfg)
+        fitted = None
         if path is not None:
             verify_manifest(path)
-            check_compatible(path, cfg, accelerator.num_processes)
+            fitted = check_compatible(path, cfg, accelerator.num_processes)
         check_output_dir(cfg, path)
-        return None if path is None else str(path)
+        return None if path is None else (str(path), fitted)
 
     chosen = on_main(accelerator, pick)
-    return None if chosen is None else Path(chosen)
+    if chosen is None:
+        return None
+    path, fitted = Path(chosen[0]), chosen[1]
+    if fitted is not None:  # another world size: the same global batch, split for this one
+        from fine_tune.core import elastic
+
+        accelerator.print(elastic.describe_fit(tuple(fitted["saved"]), tuple(fitted["now"]),
+                                               accelerator.num_processes))
+        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps = fitted["now"]
+    return path
 
 
 def read_state(path: Path) -> TrainState:
@@ -241,30 +327,42 @@ def read_state(path: Path) -> TrainState:
                         "in the same folder") from None
 
 
-def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse a checkpoint whose maths-changing options differ from this run's."""
+def check_compatible(path: Path, cfg: TrainConfig, world_size: int) -> Optional[dict]:
+    """Refuse a checkpoint whose maths-changing options differ from this run's. On another world
+    size the global batch must be the same (:func:`fine_tune.core.elastic.fit_global_batch`);
+    returns the per-device batch and accumulation that keep it (``{"saved": (batch,
+    accumulation, world), "now": (batch, accumulation)}``) when they differ from the options."""
     import yaml
 
+    from fine_tune.core import elastic
+
     if cfg.ignore_config_mismatch:
-        return
+        return None
     try:
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"checkpoint {path} is corrupt (config.yaml: {e})") from None
     current = cfg.to_dict()
+    saved_state = read_state(path)
+    fitted = None
+    split = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    if saved_state.world_size != world_size and all(k in saved for k in split):
+        asked = (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        before = (int(saved[split[0]]), int(saved[split[1]]), int(saved_state.world_size))
+        now = elastic.fit_global_batch(before, asked, world_size)
+        fitted = {"saved": before, "now": now}
+        current.update(zip(split, (saved[split[0]], saved[split[1]])))  # compared through the global batch
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
              for k in MATHS_FIELDS if k in saved and saved.get(k) != current.get(k)]
     from fine_tune.core.data import data_fingerprint
 
-    saved_state = read_state(path)
-    if saved_state.world_size != world_size:
-        diffs.append(f"world size: checkpoint {saved_state.world_size}, now {world_size}")
     if saved_state.data_fingerprint and saved_state.data_fingerprint != data_fingerprint(cfg):
         diffs.append("the content of the training or validation data differs (its fingerprint)")
     if diffs:
         raise UserError(f"checkpoint {path} was made with different settings ({'; '.join(diffs)}); "
                         "resuming would change the maths. Use the same settings, or pass "
                         "--ignore_config_mismatch to resume anyway")
+    return fitted
 
 
 def _is_deepspeed(accelerator) -> bool:
@@ -318,15 +416,19 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-@contextlib.contextmanager
 def _weights_only_loads(accelerator):
+    return weights_only_loads(_is_deepspeed(accelerator))
+
+
+@contextlib.contextmanager
+def weights_only_loads(deepspeed: bool):
     """Every ``torch.load`` inside (accelerate's, DeepSpeed's) uses weights_only=True, even
     where the caller asked for weights_only=False."""
     import torch
 
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    allowed = _deepspeed_safe_globals() if _is_deepspeed(accelerator) else []
+    allowed = _deepspeed_safe_globals() if deepspeed else []
     try:
         with torch.serialization.safe_globals(allowed):
             yield
@@ -342,11 +444,28 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler=None) 
     is not damage (out of memory, another library version, another model), and is not called so."""
     import torch
 
-    try:
+    from fine_tune.core import elastic
+    from fine_tune.core.outputs import on_main
+
+    def convert() -> str:
         with _weights_only_loads(accelerator):
+            return str(elastic.convert_to_universal(path))
+
+    try:
+        source, resharding = path, contextlib.nullcontext()
+        if _is_deepspeed(accelerator) and elastic.saved_world_size(path) != accelerator.num_processes:
+            # ZeRO partitions by rank: another world size loads DeepSpeed's universal form of it
+            source, resharding = Path(on_main(accelerator, convert)), elastic.universal_loading(accelerator)
+        with _weights_only_loads(accelerator), resharding:
             # DeepSpeed: a checkpoint without the frozen weights (LoRA) loads over the pre-trained ones
-            accelerator.load_state(str(path), **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+            accelerator.load_state(str(source),
+                                   **({"load_module_strict": False} if _is_deepspeed(accelerator) else {}))
+        if source != path:  # the conversion served its one load (every rank is done with it)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(source, ignore_errors=True)
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
+        state.world_size = accelerator.num_processes  # the next checkpoint is this world's
         if scheduler is not None:
             scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     except (MemoryError, torch.OutOfMemoryError):

@@ -68,7 +68,7 @@ class JobSpec:
     gpus_per_node: int = 0  # 0: CPU nodes, one training process each
     main_process_ip: Optional[str] = None  # default: the job's first host
     max_requeues: int = 10
-    signal_delay_s: int = 120
+    signal_delay_s: int = 180
     cluster: str = "slurm"
     name: str = ""  # sweep point name, "" for a single run
     run_id: str = ""  # W&B run id offered to train.py (a checkpoint's own id wins)

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_requeues", type=int, default=10,
                    help="requeue after preemption or a time limit at most this many times")
     g.add_argument("--signal_delay_s", type=int, default=None,
-                   help="USR2 comes this many seconds before the time limit (default: 120, at most half the time)")
+                   help="USR2 comes this many seconds before the time limit (default: 180, at most half the "
+                        "time: a 7B ZeRO checkpoint's projected save plus a step, docs/reliability.md)")
     g = p.add_argument_group("sweeps")
     g.add_argument("--sweep", default=None, help="sweep YAML (slurm/sweeps/*.yaml): one job array, one output "
                                                  "directory per point under --output_dir")
@@ -144,7 +145,7 @@ def parse_options(own: list[str]) -> argparse.Namespace:
     if opts.cluster == "local" and opts.nodes > 1 and opts.gpus_per_node > 0:
         raise UserError("--cluster local emulates several nodes on CPU only; use --nodes 1 with GPUs")
     if opts.signal_delay_s is None:
-        opts.signal_delay_s = max(5, min(120, opts.time * 30))
+        opts.signal_delay_s = max(5, min(180, opts.time * 30))
     if opts.signal_delay_s >= opts.time * 60:
         raise UserError(f"--signal_delay_s {opts.signal_delay_s} must be shorter than --time ({opts.time * 60} s)")
     return opts

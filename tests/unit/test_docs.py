@@ -34,7 +34,7 @@ HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.M)
 
 def project_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command-line parser of the project, by the command it belongs to."""
-    from fine_tune.commands import bench, compare, explore, predict, prepare_data
+    from fine_tune.commands import bench, compare, explore, export, predict, prepare_data
     from fine_tune.core.config import build_parser as train_parser
     from fine_tune.launchers import submission
 
@@ -47,7 +47,7 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
 
     memory, proof = script("large_models_memory"), script("gpu_proof")
     return {"train.py": train_parser(), "prepare-data": prepare_data.build_parser(),
-            "explore": explore.build_parser(), "predict": predict.build_parser(),
+            "explore": explore.build_parser(), "predict": predict.build_parser(), "export": export.build_parser(),
             "compare": compare.build_parser(), "bench": bench.build_parser(), "submit": submission.build_parser(),
             "bench/large_models_memory.py": memory.build_parser(), "bench/gpu_proof.py": proof.build_parser()}
 
