@@ -145,11 +145,11 @@ def test_real_ner_beats_all_o(tmp_path):
     from fine_tune.commands.prepare_data import prepare_ner
 
     data = prepare_ner(ROOT / "data")
-    # 2 epochs of 1,000 tweets at learning rate 2e-4, no checkpoints, one validation at the end.
-    # Measured (seed 42): test F1 0.144, precision 0.255, recall 0.100 (person 0.26, geo-loc 0.20).
-    # 800 tweets at 3e-4 ended all-O (F1 0)
+    # 2 epochs of 1,200 tweets at learning rate 2e-4 (measured F1 0.18, precision 0.24); no
+    # checkpoints, one validation at the end. 1,000 tweets reached F1 0.144 with seed 42 but ended
+    # all-O (F1 0) with seed 7, and 800 at 3e-4 ended all-O too: fewer rows are not reliable here
     results = run_recipe("ner.yaml", data, tmp_path / "wnut", num_train_epochs=2, learning_rate=2e-4,
-                         max_train_samples=1000, save_strategy="no", eval_strategy="no")
+                         max_train_samples=1200, save_strategy="no", eval_strategy="no")
     assert results["test_f1"] > 0.05 and results["test_precision"] > 0.1
     assert results["test_samples"] == 239
 
