@@ -23,7 +23,7 @@ from conftest import ENV, LABELS, ROOT, WORDS, load_weights, read_metrics, relat
 TOLERANCE = 1e-4  # of the largest weight change, as in test_topologies.py
 # real-data margins, below what was measured (docs/tasks.md)
 MULTILABEL_MIN_F1_MICRO = 0.15  # measured 0.213 after one epoch; both baselines score 0
-CLASS_WEIGHTS_MIN_GAIN = 0.08  # measured: +0.129 over both
+CLASS_WEIGHTS_MIN_GAIN = 0.05  # measured: +0.095 (seed 42) and +0.196 (seed 7) over both
 CUES = {"negative": "awful terrible", "neutral": "okay quite", "positive": "great lovely"}
 
 
@@ -328,10 +328,15 @@ def test_real_class_weights_raise_macro_f1(tmp_path):
     from fine_tune.commands.prepare_data import prepare_strongly_negative
 
     data = prepare_strongly_negative(ROOT / "data")
+    # 1,200 sentences (58 strongly negative) at twice the recipe's learning rate; max length 48
+    # shortens only the sentences over the train p95 of 45 tokens. Measured macro F1 on the first
+    # 500 test sentences (25 strongly negative): balanced 0.582 (seed 42) and 0.683 (seed 7);
+    # unweighted 0.487 with either seed, the majority baseline's (always 'other'). At batch 16
+    # the weighted run did not learn (the rare class is then missing from most steps).
     runs = {weights: run_recipe("strongly_negative.yaml", data, tmp_path / weights, class_weights=weights,
-                                max_train_samples=2000, max_eval_samples=1000)
+                                max_train_samples=1200, max_eval_samples=500, learning_rate=2e-4, max_length=48)
             for weights in ("none", "balanced")}
-    test = [json.loads(line)["label"] for line in (data / "test.jsonl").read_text().splitlines()[:1000]]
+    test = [json.loads(line)["label"] for line in (data / "test.jsonl").read_text().splitlines()[:500]]
     majority_share = test.count("other") / len(test)
     majority_f1_macro = majority_share / (1 + majority_share)  # F1 of 'other' / 2; the rare class scores 0
     assert runs["balanced"]["test_f1_macro"] > runs["none"]["test_f1_macro"] + CLASS_WEIGHTS_MIN_GAIN, runs

@@ -145,8 +145,11 @@ def test_real_ner_beats_all_o(tmp_path):
     from fine_tune.commands.prepare_data import prepare_ner
 
     data = prepare_ner(ROOT / "data")
+    # 2 epochs of 1,200 tweets at learning rate 2e-4 (measured F1 0.18, precision 0.24); no
+    # checkpoints, one validation at the end. 1,000 tweets reached F1 0.144 with seed 42 but ended
+    # all-O (F1 0) with seed 7, and 800 at 3e-4 ended all-O too: fewer rows are not reliable here
     results = run_recipe("ner.yaml", data, tmp_path / "wnut", num_train_epochs=2, learning_rate=2e-4,
-                         max_train_samples=1200)
+                         max_train_samples=1200, save_strategy="no", eval_strategy="no")
     assert results["test_f1"] > 0.05 and results["test_precision"] > 0.1
     assert results["test_samples"] == 239
 
@@ -157,9 +160,13 @@ def test_real_regression_beats_the_mean(tmp_path):
     from fine_tune.commands.prepare_data import prepare_sentiment
 
     data = prepare_sentiment(ROOT / "data")
-    results = run_recipe("regression.yaml", data, tmp_path / "reg", max_train_samples=800, max_eval_samples=300,
-                         num_train_epochs=2, per_device_train_batch_size=16)
-    train_mean = np.mean([json.loads(x)["rating"] for x in (data / "train.jsonl").read_text().splitlines()[:800]])
+    # one epoch at twice the recipe's learning rate, max length 48 (the train p95 is 45 tokens), no
+    # checkpoints. Measured on the first 300 test sentences: MSE 1.56 (seed 42) and 1.40 (seed 7),
+    # 0.59 and 0.53 of the train mean's 2.64; Pearson 0.704 and 0.702
+    results = run_recipe("regression.yaml", data, tmp_path / "reg", max_train_samples=600, max_eval_samples=300,
+                         num_train_epochs=1, per_device_train_batch_size=16, learning_rate=2e-4, max_length=48,
+                         save_strategy="no")
+    train_mean = np.mean([json.loads(x)["rating"] for x in (data / "train.jsonl").read_text().splitlines()[:600]])
     test = np.array([json.loads(x)["rating"] for x in (data / "test.jsonl").read_text().splitlines()[:300]])
     baseline = float(np.mean((test - train_mean) ** 2))
     assert results["test_mse"] < 0.8 * baseline, (results["test_mse"], baseline)
