@@ -195,7 +195,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
         save_config(cfg, tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2))
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
-        (tmp / LABELS_FILE).write_text(json.dumps({"names": _label_names(accelerator)}))
+        (tmp / LABELS_FILE).write_text(json.dumps({"names": _label_names(accelerator, cfg)}))
     accelerator.wait_for_everyone()
     write_manifest(tmp, accelerator)  # every process hashes its share
     if accelerator.is_main_process:
@@ -216,12 +216,14 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState, scheduler)
     return final
 
 
-def _label_names(accelerator) -> list[str]:
-    """The model's label names in id order (none for regression)."""
+def _label_names(accelerator, cfg: TrainConfig) -> list[str]:
+    """The model's label names in id order (none for a task without label names)."""
+    from fine_tune.core.tasks import task_for
+
+    if not task_for(cfg).has_label_names:
+        return []
     model = accelerator.unwrap_model(accelerator._models[0])
     config = getattr(model, "get_base_model", lambda: model)().config
-    if getattr(config, "problem_type", None) == "regression":
-        return []
     return [config.id2label[i] for i in sorted(int(k) for k in config.id2label)] if config.id2label else []
 
 

@@ -88,6 +88,7 @@ class Task:
     multi_label = False  # --class_weights balanced: pos_weights of binary problems
     split_into_words = False  # inputs come as word lists (the tokenizer's is_split_into_words)
     explore_kind = ""  # the label facts fine-tune explore gathers and prints (commands/explore.py)
+    has_label_names = True  # its model's config names its labels (id2label)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -727,6 +728,7 @@ class Regression(TextInput, Task):
     metrics = ("loss", "mse", "mae", "pearson", "spearman")
     default_best_metric = "mse"
     explore_kind = "values"
+    has_label_names = False
 
     @classmethod
     def matches_model(cls, config) -> bool:
