@@ -169,10 +169,11 @@ class TrainConfig:
     metric: list = _opt(None, "extra `evaluate` metric by hub name or local path (repeatable)",
                         group="evaluation", nargs="append")
     metric_for_best_model: Optional[str] = _opt(
-        None, "eval metric that picks the best checkpoint (default: accuracy, f1 for NER, mse for regression)",
+        None, "eval metric that picks the best checkpoint (default: accuracy, f1 for NER, mse for regression, loss "
+        "for causal-lm)",
         group="evaluation")
     greater_is_better: Optional[bool] = _opt(None, "whether a larger --metric_for_best_model is better "
-                                             "(default: false for loss/mse/mae, else true)", group="evaluation")
+                                             "(default: false for loss/mse/mae/perplexity, else true)", group="evaluation")
     early_stopping_patience: Optional[int] = _opt(
         None, "stop after N evaluations without improvement", group="evaluation")
     load_best_model_at_end: Optional[bool] = _opt(
@@ -251,7 +252,7 @@ class TrainConfig:
     def best_is_greater(self) -> bool:
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not any(self.best_metric.endswith(s) for s in ("loss", "mse", "mae"))
+        return not any(self.best_metric.endswith(s) for s in ("loss", "mse", "mae", "perplexity"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

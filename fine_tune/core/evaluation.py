@@ -19,6 +19,7 @@ def evaluate(model, loader, accelerator, task, labels, cfg, extra_metrics=(), st
     total_units = float(torch.cat(units).sum())
     result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0),
               "samples": sum(len(u) for u in units)}  # each example once, whatever the world size
+    result.update(task.loss_metrics(result["loss"]))  # a language model's perplexity
     metrics, p_arr, g_arr = task.eval_metrics(preds, golds, labels, cfg)
     result.update(metrics)
     for metric in extra_metrics:
