@@ -924,9 +924,6 @@ class CausalLM(Task):
     def input_column(self, cfg) -> str:
         return self.text_input("")
 
-    def explore_encode(self, tokenizer, batch: dict, cfg):
-        raise UserError("fine-tune explore does not describe causal-lm data yet")
-
 
 def end_of_sequence(tokenizer) -> int:
     """The token that ends a sequence: EOS, else the separator (BERT-style vocabularies)."""

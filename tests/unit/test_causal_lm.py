@@ -177,3 +177,15 @@ def test_a_saved_language_model_is_recognised():
     assert task_of_model(LlamaConfig(architectures=["LlamaForCausalLM"])) is TASK
     assert task_of_model(LlamaConfig(architectures=["GPT2LMHeadModel"])) is TASK
     assert task_of_model(LlamaConfig(architectures=["LlamaForSequenceClassification"])) is not TASK
+
+
+def test_predict_says_in_one_line_that_it_does_not_generate_yet():
+    with pytest.raises(UserError, match="does not generate text yet"):
+        TASK.text_input("hello")
+
+
+def test_the_sentiment_prompts_complete_with_the_label():
+    from fine_tune.commands.prepare_data import build_sentiment_prompts
+
+    (row,) = build_sentiment_prompts({"train": [{"text": "Lovely music.", "label": "positive", "rating": 2.1}]})["train"]
+    assert row == {"prompt": "Review: Lovely music.\nSentiment:", "completion": " positive"}
