@@ -121,3 +121,54 @@ def test_same_weights_as_one_process(name, reference):
     mine = [r["loss"] for r in read_metrics(out) if "loss" in r]
     ref = [r["loss"] for r in reference["metrics"] if "loss" in r]
     assert mine == pytest.approx(ref, rel=1e-4)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def shape_rows(shape: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, k)))  # noqa: E731
+    if shape == "text":
+        return [{"text": words(30)} for _ in range(n)]
+    return [{"messages": [{"role": "system", "content": words(5)}, {"role": "user", "content": words(10)},
+                          {"role": "assistant", "content": words(10)}, {"role": "user", "content": words(5)},
+                          {"role": "assistant", "content": words(3)}]} for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape", ["text", "messages"])
+def test_trains_from_text_and_from_chat_messages(shape, reference):
+    from transformers import AutoTokenizer
+
+    tmp = reference["tmp"] / shape
+    tmp.mkdir()
+    model = reference["model"]
+    if shape == "messages":  # the same model, its tokenizer given a chat template
+        model = tmp / "llama_chat"
+        model.mkdir()
+        for f in reference["model"].iterdir():
+            (model / f.name).write_bytes(f.read_bytes())
+        tok = AutoTokenizer.from_pretrained(reference["model"])
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(model)
+    files = {"train": write_jsonl(tmp / "train.jsonl", shape_rows(shape, 24, 1)),
+             "validation": write_jsonl(tmp / "validation.jsonl", shape_rows(shape, 8, 2))}
+    out = tmp / "run"
+    run_train(train_args(model, files, out, task="causal-lm", max_steps=3, per_device_train_batch_size=8,
+                         eval_strategy="steps", eval_steps=3, learning_rate=LR))
+    (last,) = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert math.isfinite(last["eval_loss"]) and last["eval_perplexity"] == pytest.approx(math.exp(last["eval_loss"]))
+    assert max_change(reloaded(out / "final"), reference["init"]) > 1e-3  # it trained
+
+
+def test_lora_adapts_the_body_and_leaves_the_lm_head(reference):
+    out = reference["tmp"] / "lora"
+    run_train(train_args(reference["model"], reference["files"], out, task="causal-lm", use_peft="true",
+                         max_steps=2, per_device_train_batch_size=8, learning_rate=LR))
+    assert (out / "final" / "adapter").is_dir()
+    config = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and not config.get("modules_to_save")
+    merged, init = reloaded(out / "final"), reference["init"]
+    assert torch.equal(merged["lm_head.weight"], init["lm_head.weight"])  # no adapter, not trained
+    assert any(not torch.equal(merged[k], init[k]) for k in merged if "self_attn" in k)  # the merged adapters
