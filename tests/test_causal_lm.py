@@ -172,3 +172,17 @@ def test_lora_adapts_the_body_and_leaves_the_lm_head(reference):
     merged, init = reloaded(out / "final"), reference["init"]
     assert torch.equal(merged["lm_head.weight"], init["lm_head.weight"])  # no adapter, not trained
     assert any(not torch.equal(merged[k], init[k]) for k in merged if "self_attn" in k)  # the merged adapters
+
+
+def test_a_packed_run_trains_on_blocks_of_examples(reference):
+    """--packing through train.py: the 61 examples become fewer blocks of up to --max_length
+    tokens (the start line counts blocks), the run trains, and evaluation (unpacked) reports the
+    same kind of loss. The equality of packed and unpacked losses is tests/unit/test_causal_lm.py's."""
+    out = reference["tmp"] / "packed"
+    proc = run_train(compared_args(reference["model"], reference["files"], out, per_device_train_batch_size=2,
+                                   packing="true", eval_strategy="steps", eval_steps=STEPS))
+    blocks = int(proc.stdout.split(" examples: ")[0].rsplit(" on ", 1)[1])
+    assert 15 < blocks < 61, proc.stdout
+    assert max_change(reloaded(out / "final"), reference["init"]) > 6e-3
+    (last,) = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert last["eval_samples"] == 16 and math.isfinite(last["eval_loss"])

@@ -43,7 +43,7 @@ def gather_predictions(model, loader, accelerator, task, stop=None) -> tuple[lis
                 model.train()
                 raise EvaluationInterrupted
             weight, target = batch.pop("weight"), batch.pop("labels")
-            logits = model(**batch).logits
+            logits = model(**batch, **task.forward_options).logits
             # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
             per_example = task.example_losses(logits, target, weight)
             count, pred, target = task.eval_batch(logits, target, accelerator)

@@ -89,6 +89,8 @@ class Task:
     split_into_words = False  # inputs come as word lists (the tokenizer's is_split_into_words)
     explore_kind = ""  # the label facts fine-tune explore gathers and prints (commands/explore.py)
     lora_trains_head = True  # with --use_peft the task head (found by model.task_heads) trains in full
+    accepts_packing = False  # --packing
+    forward_options: dict = {}  # keyword arguments of every training and evaluation forward pass
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -815,6 +817,10 @@ class CausalLM(Task):
     metrics = ("loss", "perplexity")
     default_best_metric = "loss"
     lora_trains_head = False  # the LM head is the (often tied) vocabulary projection: adapters only
+    accepts_packing = True
+    # no key/value cache in training and evaluation: nothing reuses it, and transformers builds the
+    # block-diagonal mask of --packing's blocks from their position ids only without one
+    forward_options = {"use_cache": False}
 
     @classmethod
     def matches_model(cls, config) -> bool:
@@ -885,6 +891,47 @@ class CausalLM(Task):
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification  # pads the labels with -100
+
+    def pack(self, ds, cfg):
+        """--packing: the encoded examples concatenated, in order, into blocks of at most
+        ``--max_length`` tokens (an example never split; a new block starts where the next one
+        does not fit). ``position_ids`` restart at 0 at each example: transformers' attention masks
+        read a restart as the start of another sequence when no attention mask is given, so
+        attention never crosses two examples (a block-diagonal causal mask; the same position ids
+        are what flash attention's variable-length kernels read). Each example's first label is
+        -100: the token before it (the previous example's end) must not learn to predict it, and
+        unpacked it is no target either (target_count), so the block's units are its examples'."""
+        from datasets import Dataset
+
+        blocks, current = [], None
+        for ids, labels, units in zip(ds["input_ids"], ds["labels"], ds["n_units"]):
+            if current is None or len(current["input_ids"]) + len(ids) > cfg.max_length:
+                current = {"input_ids": [], "labels": [], "position_ids": [], "n_units": 0.0}
+                blocks.append(current)
+            current["input_ids"] += ids
+            current["labels"] += [IGNORE_INDEX] + labels[1:]
+            current["position_ids"] += list(range(len(ids)))
+            current["n_units"] += units
+        for block in blocks:
+            block["length"] = len(block["input_ids"])
+        return Dataset.from_list(blocks)
+
+    @staticmethod
+    def collate_packed(features: list[dict], pad_id: int, pad_to_multiple_of=None) -> dict:
+        """A batch of packed blocks: padded at the end to the longest, the padding a sequence of
+        its own (positions from 0, labels -100), and no attention mask (see :meth:`pack`)."""
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            n = width - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [pad_id] * n)
+            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
+            batch["position_ids"].append(f["position_ids"] + list(range(n)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
     def configure_head(self, config, labels: LabelInfo) -> None:
         pass  # the LM head predicts the vocabulary: nothing to set

@@ -189,3 +189,82 @@ def test_the_sentiment_prompts_complete_with_the_label():
 
     (row,) = build_sentiment_prompts({"train": [{"text": "Lovely music.", "label": "positive", "rating": 2.1}]})["train"]
     assert row == {"prompt": "Review: Lovely music.\nSentiment:", "completion": " positive"}
+
+
+# ------------------------------------------------------------------ --packing
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).eval()
+
+
+def packed_rows():
+    words = "good bad film plot music the a was very not".split()
+    return [{"prompt": " ".join(words[: 1 + i % 7]), "completion": " " + " ".join(words[: 1 + (3 * i) % 10])}
+            for i in range(9)]
+
+
+def per_example_losses(tiny_llama, batch, blocks) -> list[float]:
+    """Each example's loss sum in a batch of packed ``blocks``, split where their positions restart
+    (the padding after a block is no example)."""
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            attention_mask=batch.get("attention_mask"), **TASK.forward_options).logits
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                reduction="none", ignore_index=IGNORE_INDEX).view(logits.shape[0], -1)
+    out = []
+    for row, block in enumerate(blocks):
+        positions = block["position_ids"]
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        # target t + 1 is predicted at t: an example's tokens [s, e) are targets s+1..e-1, losses s..e-2
+        out += [float(per_token[row, s:e - 1].sum()) for s, e in zip(starts, starts[1:])]
+    return out
+
+
+def test_packing_concatenates_examples_with_restarting_positions(tokenizer):
+    cfg = parse_args(["--task", "causal-lm", "--max_length", "24", "--packing", "true"])
+    ds = encode(packed_rows(), tokenizer, max_length=24)
+    packed = TASK.pack(ds, cfg)
+    assert len(packed) < len(ds) and max(packed["length"]) <= 24
+    assert sum(packed["n_units"]) == sum(ds["n_units"])  # the same loss units, so the same step means
+    assert [t for b in packed["input_ids"] for t in b] == [t for e in ds["input_ids"] for t in e]
+    for block in packed:
+        assert block["position_ids"].count(0) >= 1 and block["labels"][0] == IGNORE_INDEX
+        # each example's first token is no target: the previous example must not learn to predict it
+        assert all(lab == IGNORE_INDEX for lab, pos in zip(block["labels"], block["position_ids"]) if pos == 0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_losses_equal_the_unpacked_ones(tokenizer, tiny_llama, attention):
+    """Per-example losses of a packed batch (positions restarting, no attention across examples)
+    equal those of each example alone, to 1e-5; with one causal mask over the whole block (what
+    packing without the block-diagonal mask would do) they do not."""
+    tiny_llama.config._attn_implementation = attention
+    cfg = parse_args(["--task", "causal-lm", "--max_length", "40", "--packing", "true"])
+    ds = encode(packed_rows(), tokenizer, max_length=40)
+    alone = []
+    for ex in ds:
+        batch = Collator(tokenizer, cfg, TASK)([dict(ex)])
+        with torch.no_grad():
+            logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone.append(float(TASK.example_losses(logits, batch["labels"], batch["weight"])))
+    packed = TASK.pack(ds, cfg)
+    batch = Collator(tokenizer, cfg, TASK)([dict(b) for b in packed])
+    assert "attention_mask" not in batch and len(packed) > 1  # padded rows in one batch
+    assert len(set(packed["length"])) > 1  # so some blocks are padded
+    together = per_example_losses(tiny_llama, batch, packed)
+    assert together == pytest.approx(alone, abs=1e-5)
+    crossing = per_example_losses(tiny_llama, {**batch, "attention_mask": torch.ones_like(batch["input_ids"])},
+                                  packed)
+    assert max(abs(a - b) for a, b in zip(crossing, alone)) > 1e-3
+
+
+def test_packing_is_only_for_language_models():
+    from fine_tune.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--packing applies to causal-lm"):
+        parse_args(["--task", "text-classification", "--packing", "true"]).validate()
