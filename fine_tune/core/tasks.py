@@ -871,8 +871,8 @@ class CausalLM(Task):
                 examples = [chat_segments(tokenizer, m) for m in batch["messages"]]
                 examples = [[(ids(text), trained) for text, trained in segs] for segs in examples]
             elif shape == "prompt":
-                examples = [[(prefix + ids(p), False), (ids(c), True)]
-                            for p, c in zip(batch["prompt"], batch["completion"])]
+                examples = [[(prefix + prompt_tail(ids(p), len(prefix) + len(c) + 1, cfg.max_length), False),
+                             (c, True)] for p, c in zip(batch["prompt"], map(ids, batch["completion"]))]
             else:
                 examples = [[(prefix + ids(t), True)] for t in batch[cfg.text_column]]
             enc = {"input_ids": [], "attention_mask": [], "labels": [], "n_units": [], "length": []}
@@ -1028,10 +1028,18 @@ def chat_segments(tokenizer, messages) -> list[tuple[str, bool]]:
     return [(text, trained) for text, trained in segments if text]
 
 
+def prompt_tail(prompt: list[int], others: int, max_length: int) -> list[int]:
+    """The end of a prompt that leaves room for ``others`` tokens (its special prefix, the
+    completion and EOS) within ``max_length``: a long prompt loses its start rather than the
+    completion its targets (which would leave the example nothing to learn)."""
+    room = max(max_length - others, 0)
+    return prompt[len(prompt) - room:] if len(prompt) > room else prompt
+
+
 def assemble(segments: list, eos: int, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels of (ids, is_target) segments, with the end-of-sequence token appended
     (unless the text already ends with it; a target when the last segment is) and cut to
-    ``max_length`` at the end."""
+    ``max_length`` at the end (a prompt was already cut at its start, see :func:`prompt_tail`)."""
     input_ids, labels = [], []
     for piece, trained in segments:
         input_ids += piece

@@ -124,11 +124,20 @@ def test_incomplete_columns_are_errors(tokenizer, columns, message):
         encode([columns], tokenizer)
 
 
-def test_truncation_keeps_max_length(tokenizer):
+def test_a_long_prompt_loses_its_start_not_the_completion(tokenizer):
     (ex,) = encode([{"prompt": "one two three four five six", "completion": " seven eight nine"}], tokenizer,
                    max_length=8)
+    c = ids(tokenizer, " seven eight nine")
     assert len(ex["input_ids"]) == len(ex["labels"]) == 8
-    assert ex["n_units"] == sum(t != IGNORE_INDEX for t in ex["labels"][1:])
+    # [CLS], the prompt's last 3 words, the whole completion and EOS
+    assert ex["input_ids"] == [tokenizer.cls_token_id] + ids(tokenizer, "four five six") + c + [tokenizer.sep_token_id]
+    assert ex["n_units"] == len(c) + 1
+
+
+def test_a_long_text_is_cut_at_its_end(tokenizer):
+    (ex,) = encode([{"text": "one two three four five six seven eight nine ten"}], tokenizer, max_length=8)
+    assert ex["input_ids"] == [tokenizer.cls_token_id] + ids(tokenizer, "one two three four five six seven")
+    assert ex["n_units"] == 7
 
 
 def test_summed_loss_is_the_mean_cross_entropy_times_the_target_count(tokenizer):
