@@ -11,11 +11,15 @@ The tokenizer is a GPT-2 style byte-level BPE without a pad token (decoders' usu
 import json
 import math
 import random
+import signal
+import subprocess
 
 import pytest
 import torch
 
-from conftest import WORDS, max_change, read_metrics, relative_difference, run_train, train_args, write_jsonl
+from conftest import ENV, ROOT, WORDS, launch_cmd, max_change, read_metrics, relative_difference, run_train, \
+    train_args, write_jsonl
+from test_fault_tolerance import assert_same_run, wait_for_step
 from test_large_models import byte_level_tokenizer
 
 TOLERANCE = 1e-4  # of the largest weight change, as tests/test_topologies.py
@@ -65,8 +69,9 @@ def reloaded(folder):
 
 
 def compared_args(model, files, out, **overrides):
-    return train_args(model, files, out, task="causal-lm", max_steps=STEPS, learning_rate=LR,
-                      adam_epsilon=ADAM_EPSILON, max_length=64, **overrides)
+    opts = {"task": "causal-lm", "max_steps": STEPS, "learning_rate": LR, "adam_epsilon": ADAM_EPSILON,
+            "max_length": 64, **overrides}
+    return train_args(model, files, out, **opts)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +191,22 @@ def test_a_packed_run_trains_on_blocks_of_examples(reference):
     assert max_change(reloaded(out / "final"), reference["init"]) > 6e-3
     (last,) = [r for r in read_metrics(out) if "eval_loss" in r]
     assert last["eval_samples"] == 16 and math.isfinite(last["eval_loss"])
+
+
+def test_a_packed_run_resumes_bit_exact_after_sigkill(reference):
+    """Killed at a random step and resumed from its last checkpoint, a packed run (over two
+    epochs of blocks) ends with the weights and step losses of the run never interrupted."""
+    opts = dict(per_device_train_batch_size=2, packing="true", max_steps=24, save_strategy="steps", save_steps=4)
+    ref = reference["tmp"] / "packed_uninterrupted"
+    proc = run_train(compared_args(reference["model"], reference["files"], ref, **opts))
+    assert "24 optimizer steps" in proc.stdout
+    out = reference["tmp"] / "packed_killed"
+    args = compared_args(reference["model"], reference["files"], out, **opts)
+    proc = subprocess.Popen(launch_cmd(None) + args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_step(out, random.Random().randint(5, 18), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(args + ["--resume_from_checkpoint", "latest"])
+    assert "resumed from" in resumed.stdout
+    assert_same_run(out, ref)
