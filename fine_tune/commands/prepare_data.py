@@ -239,7 +239,8 @@ def _summary(out_dir: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fine-tune prepare-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
-    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative", "sentiment_prompts"],
+    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative",
+                                           "sentiment_prompts"],
                         help="prepare only this data set")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser

@@ -175,7 +175,8 @@ class TrainConfig:
         "for causal-lm)",
         group="evaluation")
     greater_is_better: Optional[bool] = _opt(None, "whether a larger --metric_for_best_model is better "
-                                             "(default: false for loss/mse/mae/perplexity, else true)", group="evaluation")
+                                             "(default: false for loss/mse/mae/perplexity, else true)",
+                                             group="evaluation")
     early_stopping_patience: Optional[int] = _opt(
         None, "stop after N evaluations without improvement", group="evaluation")
     load_best_model_at_end: Optional[bool] = _opt(
