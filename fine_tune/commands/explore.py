@@ -211,12 +211,14 @@ def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
         datasets.disable_progress_bars()
     except Exception:  # noqa: BLE001 - cosmetic
         pass
+    task = task_for(cfg)
+    if task.explore_kind not in LABEL_FACTS:
+        raise UserError(f"fine-tune explore does not describe {task.name} data yet")
     splits = D.load_raw_splits(cfg)
     if split is not None:
         if split not in splits:
             raise UserError(f"--split {split!r}: the data has the splits {', '.join(splits)}")
         splits = {split: splits[split]}
-    task = task_for(cfg)
     for name, ds in splits.items():
         D.check_columns(ds, task.columns_read(cfg), name)
     labels = task.infer_labels(splits, cfg)

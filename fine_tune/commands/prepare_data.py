@@ -18,6 +18,10 @@
 * ``data/strongly_negative/{train,validation,test}.jsonl``: an imbalanced binary task derived
   from ``data/sentiment``: ``strongly negative`` where the mean human rating is at most -2.5
   (5% of the sentences), else ``other``; the same splits.
+* ``data/sentiment_prompts/{train,validation,test}.jsonl``: ``data/sentiment`` for a language
+  model (``--task causal-lm``): ``prompt`` "Review: <sentence>\nSentiment:" and ``completion``
+  " <label>", so that a completion's accuracy is an exact match against the label; the same
+  splits.
 
 Results are cached: a second call returns at once.
 """
@@ -156,6 +160,14 @@ def build_strongly_negative(sentiment_splits: dict) -> dict:
     return {split: [row(r) for r in rows] for split, rows in sentiment_splits.items()}
 
 
+def build_sentiment_prompts(sentiment_splits: dict) -> dict:
+    """The sentiment sentences as prompt -> completion pairs: the completion is the label."""
+    def row(r: dict) -> dict:
+        return {"prompt": f"Review: {r['text']}\nSentiment:", "completion": f" {r['label']}"}
+
+    return {split: [row(r) for r in rows] for split, rows in sentiment_splits.items()}
+
+
 def write_splits(splits: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -211,6 +223,14 @@ def prepare_strongly_negative(data_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
+def prepare_sentiment_prompts(data_dir: Path, force: bool = False) -> Path:
+    out_dir = data_dir / "sentiment_prompts"
+    if _is_ready(out_dir) and not force:
+        return out_dir
+    write_splits(build_sentiment_prompts(read_splits(prepare_sentiment(data_dir))), out_dir)
+    return out_dir
+
+
 def _summary(out_dir: Path) -> str:
     counts = {s: sum(1 for _ in open(out_dir / f"{s}.jsonl", encoding="utf-8")) for s in SPLITS}
     return f"{out_dir}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
@@ -219,7 +239,8 @@ def _summary(out_dir: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fine-tune prepare-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default="data", help="where to write the data sets (default: data)")
-    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative"],
+    parser.add_argument("--only", choices=["sentiment", "ner", "entity_types", "strongly_negative",
+                                           "sentiment_prompts"],
                         help="prepare only this data set")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser
@@ -236,6 +257,8 @@ def main(argv=None) -> None:
         print(_summary(prepare_entity_types(data_dir, args.force)))
     if args.only in (None, "strongly_negative"):
         print(_summary(prepare_strongly_negative(data_dir, args.force)))
+    if args.only in (None, "sentiment_prompts"):
+        print(_summary(prepare_sentiment_prompts(data_dir, args.force)))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ class TrainConfig:
                         choices=("longest", "max_length"), group="data")
     pad_to_multiple_of: Optional[int] = _opt(None, "round padded lengths up to a multiple of N", group="data")
     group_by_length: bool = _opt(True, "batch examples of similar length (still shuffled)", group="data")
+    packing: bool = _opt(False, "causal-lm: concatenate training examples into blocks of up to --max_length "
+                         "tokens; positions restart and attention stays within each example", group="data")
     preprocessing_num_workers: Optional[int] = _opt(None, "processes for tokenization", group="data")
     dataloader_num_workers: int = _opt(0, "data loader worker processes", group="data")
     label_separator: str = _opt(
@@ -169,10 +171,12 @@ class TrainConfig:
     metric: list = _opt(None, "extra `evaluate` metric by hub name or local path (repeatable)",
                         group="evaluation", nargs="append")
     metric_for_best_model: Optional[str] = _opt(
-        None, "eval metric that picks the best checkpoint (default: accuracy, f1 for NER, mse for regression)",
+        None, "eval metric that picks the best checkpoint (default: accuracy, f1 for NER, mse for regression, loss "
+        "for causal-lm)",
         group="evaluation")
     greater_is_better: Optional[bool] = _opt(None, "whether a larger --metric_for_best_model is better "
-                                             "(default: false for loss/mse/mae, else true)", group="evaluation")
+                                             "(default: false for loss/mse/mae/perplexity, else true)",
+                                             group="evaluation")
     early_stopping_patience: Optional[int] = _opt(
         None, "stop after N evaluations without improvement", group="evaluation")
     load_best_model_at_end: Optional[bool] = _opt(
@@ -251,7 +255,7 @@ class TrainConfig:
     def best_is_greater(self) -> bool:
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not any(self.best_metric.endswith(s) for s in ("loss", "mse", "mae"))
+        return not any(self.best_metric.endswith(s) for s in ("loss", "mse", "mae", "perplexity"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -349,6 +353,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing_factor < 1:
             raise ConfigError(f"--label_smoothing_factor {self.label_smoothing_factor} is not allowed: "
                               "must be in [0, 1)")
+        if self.packing and not task.accepts_packing:
+            packed = [n for n, t in tasks.TASKS.items() if t.accepts_packing]
+            raise ConfigError(f"--packing applies to {' and '.join(packed)}, not to --task {self.task}")
         if self.label_smoothing_factor and not task.accepts_label_smoothing:
             smoothed = [n for n, t in tasks.TASKS.items() if t.accepts_label_smoothing]
             raise ConfigError(f"--label_smoothing_factor applies to {' and '.join(smoothed)}, "
@@ -420,7 +427,7 @@ MATHS_FIELDS = (
     "group_by_length", "max_train_samples", "model_config_overrides", "train_file", "dataset_name",
     "torch_dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "lora_modules_to_save",
-    "class_weights", "label_smoothing_factor",
+    "class_weights", "label_smoothing_factor", "packing",
     # the tokenizer, the labels and where they are read from
     "tokenizer_name", "label_names", "dataset_config_name", "text_column", "text_pair_column", "label_column",
     "tokens_column", "tags_column", "label_all_tokens",

@@ -164,6 +164,8 @@ def tokenize_splits(splits: dict, tokenizer, cfg, info: LabelInfo, task=None) ->
         ds, kwargs = task.prepare_split(ds, cfg, split)
         out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs=kwargs,
                             num_proc=cfg.preprocessing_num_workers, desc=f"tokenizing {split}")
+        if split == "train" and getattr(cfg, "packing", False):  # evaluation stays one example per row
+            out[split] = task.pack(out[split], cfg)
     return out
 
 
@@ -174,7 +176,9 @@ class Collator:
 
     def __init__(self, tokenizer, cfg, task=None):
         padding = "max_length" if cfg.padding == "max_length" else "longest"
-        self.pad = (task or task_for(cfg)).collator_class()(
+        self.task = task or task_for(cfg)
+        self.pad_to_multiple_of = cfg.pad_to_multiple_of
+        self.pad = self.task.collator_class()(
             tokenizer, padding=padding, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
     def __call__(self, features: list[dict]) -> dict:
@@ -184,6 +188,10 @@ class Collator:
         for f in features:
             f.pop("n_units", None)
             f.pop("length", None)
+        if "position_ids" in features[0]:  # --packing's blocks
+            batch = self.task.collate_packed(features, self.pad.tokenizer.pad_token_id, self.pad_to_multiple_of)
+            batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+            return batch
         batch = self.pad(features)
         if self.pad.tokenizer.padding_side == "left" and "attention_mask" in batch:
             # decoder tokenizers often pad on the left: count positions from each text's first real

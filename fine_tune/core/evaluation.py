@@ -19,6 +19,7 @@ def evaluate(model, loader, accelerator, task, labels, cfg, extra_metrics=(), st
     total_units = float(torch.cat(units).sum())
     result = {"loss": float(torch.cat(losses).sum()) / max(total_units, 1.0),
               "samples": sum(len(u) for u in units)}  # each example once, whatever the world size
+    result.update(task.loss_metrics(result["loss"]))  # a language model's perplexity
     metrics, p_arr, g_arr = task.eval_metrics(preds, golds, labels, cfg)
     result.update(metrics)
     for metric in extra_metrics:
@@ -42,7 +43,7 @@ def gather_predictions(model, loader, accelerator, task, stop=None) -> tuple[lis
                 model.train()
                 raise EvaluationInterrupted
             weight, target = batch.pop("weight"), batch.pop("labels")
-            logits = model(**batch).logits
+            logits = model(**batch, **task.forward_options).logits
             # per-example loss sums and unit counts, so that gather_for_metrics can drop duplicates
             per_example = task.example_losses(logits, target, weight)
             count, pred, target = task.eval_batch(logits, target, accelerator)

@@ -396,10 +396,11 @@ class TrainingRun:
             weight, target = batch.pop("weight"), batch.pop("labels")
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logits = model(**batch).logits
+                logits = model(**batch, **self.task.forward_options).logits
                 local = self.task.example_losses(logits, target, weight, self.class_weights,
                                                  cfg.label_smoothing_factor).sum()
-                accelerator.backward(local * (loss_scale / step.units))
+                # a step without any loss unit (every target cut off by --max_length) has a zero loss
+                accelerator.backward(local * (loss_scale / (step.units or 1.0)))
             self.window_loss += local.detach()
 
     def after_step(self, stop_votes: float) -> StopReason | None:

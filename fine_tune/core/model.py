@@ -234,21 +234,25 @@ def apply_lora(model, cfg, task=None):
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    heads = task_heads(model)
+    task = task or task_for(cfg)
+    # a language model's head is its vocabulary projection (often tied to the embeddings): it
+    # keeps its weights and gets no adapter; a classifier's new head trains in full
+    heads = task_heads(model) if task.lora_trains_head else []
+    lm_heads = [] if task.lora_trains_head else task_heads(model)
     to_save = _comma_list(cfg.lora_modules_to_save) or heads
     modules = dict(model.named_modules())
     for name in to_save:
         if name not in modules and not any(n.endswith("." + name) for n in modules):
             raise UserError(f"--lora_modules_to_save: {type(model).__name__} has no module {name!r}; "
-                            f"its task head is {', '.join(heads) or 'unknown'}")
+                            f"its task head is {', '.join(heads or lm_heads) or 'unknown'}")
     targets = cfg.lora_target_modules.strip()
     if targets.lower() != "all-linear":
         targets = _comma_list(targets)
-    # the task head trains in full, so it never gets an adapter too (peft's all-linear leaves out
-    # only heads it knows by name)
-    exclude = [n for n in modules if n and any(n == h or n.startswith(h + ".") for h in to_save)]
-    lora = LoraConfig(task_type=(task or task_for(cfg)).peft_type(), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, exclude_modules=exclude or None, modules_to_save=to_save)
+    # the task head trains in full, so it never gets an adapter too, and a language model's head
+    # none either (peft's all-linear leaves out only heads it knows by name)
+    exclude = [n for n in modules if n and any(n == h or n.startswith(h + ".") for h in to_save + lm_heads)]
+    lora = LoraConfig(task_type=task.peft_type(), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, exclude_modules=exclude or None, modules_to_save=to_save or None)
     # The adapter's initial weights depend on the seed alone, not on what loading the base model
     # consumed from the random stream (ZeRO-3's zero.Init loads differently): every topology
     # starts from the same adapter.

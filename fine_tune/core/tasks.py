@@ -89,6 +89,9 @@ class Task:
     split_into_words = False  # inputs come as word lists (the tokenizer's is_split_into_words)
     explore_kind = ""  # the label facts fine-tune explore gathers and prints (commands/explore.py)
     has_label_names = True  # its model's config names its labels (id2label)
+    lora_trains_head = True  # with --use_peft the task head (found by model.task_heads) trains in full
+    accepts_packing = False  # --packing
+    forward_options: dict = {}  # keyword arguments of every training and evaluation forward pass
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -206,6 +209,10 @@ class Task:
         """The metrics over every gathered batch, and the flat (predictions, references) that
         the extra --metric metrics score."""
         raise NotImplementedError
+
+    def loss_metrics(self, loss: float) -> dict:
+        """Metrics that follow from the evaluation's mean loss (a language model's perplexity)."""
+        return {}
 
     def metric_names(self, label_names=(), extra=()) -> list[str]:
         """Every metric an evaluation of this task reports: the built-in ones, one per label
@@ -790,10 +797,272 @@ class Regression(TextInput, Task):
         return M.regression_metrics(np.array(preds), np.array(gold, dtype=float))
 
 
+class CausalLM(Task):
+    """A decoder trained as a language model: next-token cross-entropy on the target tokens.
+
+    The data's shape is chosen by its columns (:meth:`data_shape`): ``messages`` (a list of
+    ``{role, content}`` rendered with the tokenizer's chat template; the assistant turns are
+    the targets), ``prompt`` + ``completion`` (the completion is the target), or the text column
+    (``--text_column``, every token a target). The end-of-sequence token is appended and is a
+    target when the last segment is. Tokens that are no target have label -100.
+
+    The loss unit is a target token: each example's ``n_units`` is its number of target tokens
+    after the shift by one (the first token has nothing to predict it), and its loss the *sum*
+    of their cross-entropies, so the loop's division by the step's units makes every optimizer
+    step the mean over all target tokens of the global batch, however the tokens fall into
+    micro-batches and processes (not a mean of per-micro-batch means).
+    """
+
+    name = "causal-lm"
+    model_class_name = "AutoModelForCausalLM"
+    has_label_names = False
+    peft_task_type = "CAUSAL_LM"
+    metrics = ("loss", "perplexity")
+    default_best_metric = "loss"
+    lora_trains_head = False  # the LM head is the (often tied) vocabulary projection: adapters only
+    accepts_packing = True
+    # no key/value cache in training and evaluation: nothing reuses it, and transformers builds the
+    # block-diagonal mask of --packing's blocks from their position ids only without one
+    forward_options = {"use_cache": False}
+
+    @classmethod
+    def matches_model(cls, config) -> bool:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+
+    # ---------------------------------------------------------------- data
+    def columns_read(self, cfg) -> dict:
+        return {}  # chosen by the columns present (data_shape), checked by read_labels
+
+    @staticmethod
+    def data_shape(columns, cfg, split: str) -> str:
+        """``messages``, ``prompt`` (with ``completion``) or ``text``, by the columns present."""
+        columns = set(columns)
+        if "messages" in columns:
+            return "messages"
+        if "prompt" in columns or "completion" in columns:
+            missing = "completion" if "prompt" in columns else "prompt"
+            if missing not in columns:
+                raise UserError(f"the {split} data has a {'prompt' if missing == 'completion' else 'completion'} "
+                                f"column but no {missing!r} column; prompt -> completion data needs both")
+            return "prompt"
+        if cfg.text_column in columns:
+            return "text"
+        raise UserError(f"the {split} data has none of the columns causal-lm reads: 'messages' (chat), "
+                        f"'prompt' and 'completion', or {cfg.text_column!r} (--text_column); its columns are: "
+                        f"{', '.join(sorted(columns))}")
+
+    def read_labels(self, splits: dict, cfg) -> LabelInfo:
+        """No label names: the targets are the data's own tokens. Every split has the same shape."""
+        shapes = {split: self.data_shape(ds.column_names, cfg, split) for split, ds in splits.items()}
+        if len(set(shapes.values())) > 1:
+            raise UserError("the splits hold different data shapes (" +
+                            ", ".join(f"{s}: {v}" for s, v in shapes.items()) + "); give them the same columns")
+        return LabelInfo(names=[])
+
+    def prepare_split(self, ds, cfg, split: str):
+        return ds, {"shape": self.data_shape(ds.column_names, cfg, split)}
+
+    def encoder(self, tokenizer, cfg, info: LabelInfo):
+        eos = end_of_sequence(tokenizer)
+        prefix = special_prefix(tokenizer)
+
+        def ids(text) -> list[int]:
+            return tokenizer("" if text is None else str(text), add_special_tokens=False)["input_ids"]
+
+        def encode_lm(batch, shape):
+            if shape == "messages":
+                examples = [chat_segments(tokenizer, m) for m in batch["messages"]]
+                examples = [[(ids(text), trained) for text, trained in segs] for segs in examples]
+            elif shape == "prompt":
+                examples = [[(prefix + prompt_tail(ids(p), len(prefix) + len(c) + 1, cfg.max_length), False),
+                             (c, True)] for p, c in zip(batch["prompt"], map(ids, batch["completion"]))]
+            else:
+                examples = [[(prefix + ids(t), True)] for t in batch[cfg.text_column]]
+            enc = {"input_ids": [], "attention_mask": [], "labels": [], "n_units": [], "length": []}
+            for segments in examples:
+                input_ids, labels = assemble(segments, eos, cfg.max_length)
+                enc["input_ids"].append(input_ids)
+                enc["attention_mask"].append([1] * len(input_ids))
+                enc["labels"].append(labels)
+                enc["n_units"].append(float(target_count(labels)))
+                enc["length"].append(len(input_ids))
+            return enc
+
+        return encode_lm
+
+    def collator_class(self):
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification  # pads the labels with -100
+
+    def pack(self, ds, cfg):
+        """--packing: the encoded examples concatenated, in order, into blocks of at most
+        ``--max_length`` tokens (an example never split; a new block starts where the next one
+        does not fit). ``position_ids`` restart at 0 at each example: transformers' attention masks
+        read a restart as the start of another sequence when no attention mask is given, so
+        attention never crosses two examples (a block-diagonal causal mask; the same position ids
+        are what flash attention's variable-length kernels read). Each example's first label is
+        -100: the token before it (the previous example's end) must not learn to predict it, and
+        unpacked it is no target either (target_count), so the block's units are its examples'."""
+        from datasets import Dataset
+
+        blocks, current = [], None
+        for ids, labels, units in zip(ds["input_ids"], ds["labels"], ds["n_units"]):
+            if current is None or len(current["input_ids"]) + len(ids) > cfg.max_length:
+                current = {"input_ids": [], "labels": [], "position_ids": [], "n_units": 0.0}
+                blocks.append(current)
+            current["input_ids"] += ids
+            current["labels"] += [IGNORE_INDEX] + labels[1:]
+            current["position_ids"] += list(range(len(ids)))
+            current["n_units"] += units
+        for block in blocks:
+            block["length"] = len(block["input_ids"])
+        return Dataset.from_list(blocks)
+
+    @staticmethod
+    def collate_packed(features: list[dict], pad_id: int, pad_to_multiple_of=None) -> dict:
+        """A batch of packed blocks: padded at the end to the longest, the padding a sequence of
+        its own (positions from 0, labels -100), and no attention mask (see :meth:`pack`)."""
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            n = width - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [pad_id] * n)
+            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
+            batch["position_ids"].append(f["position_ids"] + list(range(n)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+    def configure_head(self, config, labels: LabelInfo) -> None:
+        pass  # the LM head predicts the vocabulary: nothing to set
+
+    # ---------------------------------------------------------------- loss and evaluation
+    def example_losses(self, logits, labels, weight, class_weights=None, label_smoothing: float = 0.0):
+        """Per-example sums of next-token cross-entropy over the target tokens: position t's
+        logits predict label t + 1."""
+        import torch.nn.functional as F
+
+        targets = labels[:, 1:]
+        per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                    reduction="none", ignore_index=IGNORE_INDEX)
+        return per_token.view(targets.shape).sum(-1) * weight
+
+    def eval_batch(self, logits, target, accelerator):
+        # a loss unit per target token; no predictions to keep (the loss is the metric)
+        count = (target[:, 1:] != IGNORE_INDEX).sum(-1).float()
+        return count, count, count
+
+    def eval_metrics(self, preds: list, golds: list, labels: LabelInfo, cfg):
+        import numpy as np
+
+        return {}, np.array([]), np.array([])
+
+    def loss_metrics(self, loss: float) -> dict:
+        """Perplexity: exp of the mean cross-entropy per target token over the whole split."""
+        import math
+
+        return {"perplexity": math.exp(min(loss, 700.0))}  # capped: exp overflows a float past ~709
+
+    # ---------------------------------------------------------------- fine-tune predict
+    def text_input(self, text: str):
+        raise UserError("fine-tune predict does not generate text yet; load final/ with AutoModelForCausalLM "
+                        "or a text-generation pipeline")
+
+    def input_column(self, cfg) -> str:
+        return self.text_input("")
+
+
+def end_of_sequence(tokenizer) -> int:
+    """The token that ends a sequence: EOS, else the separator (BERT-style vocabularies)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no end-of-sequence token (nor a separator) to end each example "
+                        "with; add one with tokenizer.add_special_tokens({'eos_token': ...}) and save it")
+    return eos
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's BOS, BERT's CLS; none for
+    GPT-2): found by tokenizing a word with and without them."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def chat_segments(tokenizer, messages) -> list[tuple[str, bool]]:
+    """A conversation rendered with the tokenizer's chat template, as (text, is_target) pieces:
+    each assistant turn (what the template writes for it after the generation prompt, its
+    end-of-turn marks included) is a target, everything else is not. Each turn's text is found
+    as the difference between the renderings of the conversation up to it, with the generation
+    prompt, and through it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the data has a 'messages' column but the tokenizer has no chat template to render it "
+                        "with; use a tokenizer that has one (or set its chat_template), or give text or "
+                        "prompt/completion columns")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(upto, generation_prompt=False) -> str:
+        if not upto and not generation_prompt:
+            return ""
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise UserError("the tokenizer's chat template does not render a conversation as the rendering of "
+                            "its first turns followed by the next ones, so the assistant turns cannot be found")
+        segments += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    rest = render(len(messages))
+    if not rest.startswith(done):
+        raise UserError("the tokenizer's chat template does not render a conversation as the rendering of "
+                        "its first turns followed by the next ones, so the assistant turns cannot be found")
+    segments.append((rest[len(done):], False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def prompt_tail(prompt: list[int], others: int, max_length: int) -> list[int]:
+    """The end of a prompt that leaves room for ``others`` tokens (its special prefix, the
+    completion and EOS) within ``max_length``: a long prompt loses its start rather than the
+    completion its targets (which would leave the example nothing to learn)."""
+    room = max(max_length - others, 0)
+    return prompt[len(prompt) - room:] if len(prompt) > room else prompt
+
+
+def assemble(segments: list, eos: int, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of (ids, is_target) segments, with the end-of-sequence token appended
+    (unless the text already ends with it; a target when the last segment is) and cut to
+    ``max_length`` at the end (a prompt was already cut at its start, see :func:`prompt_tail`)."""
+    input_ids, labels = [], []
+    for piece, trained in segments:
+        input_ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if not input_ids or input_ids[-1] != eos:
+        last_trained = bool(segments) and segments[-1][1]
+        input_ids.append(eos)
+        labels.append(eos if last_trained else IGNORE_INDEX)
+    return input_ids[:max_length], labels[:max_length]
+
+
+def target_count(labels: list[int]) -> int:
+    """Loss units of an example: its target tokens after the shift (the first has no predictor)."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
 # ------------------------------------------------------------------ the registry
 # --task name -> the task (this order is the order --help and messages list them in)
 TASKS: dict[str, Task] = {t.name: t for t in (TextClassification(), MultiLabelClassification(),
-                                              TokenClassification(), Regression())}
+                                              TokenClassification(), Regression(), CausalLM())}
 
 
 def as_task(task) -> Task:
@@ -807,9 +1076,10 @@ def task_for(cfg) -> Task:
 
 
 def task_of_model(config) -> Task:
-    """The task of a saved model, from its config: multi-label before regression (a model with
-    one label can be either), text classification when nothing else matches."""
-    for name in ("multi-label-classification", "regression", "token-classification"):
+    """The task of a saved model, from its config: a language model by its architecture,
+    multi-label before regression (a model with one label can be either), text classification
+    when nothing else matches."""
+    for name in ("causal-lm", "multi-label-classification", "regression", "token-classification"):
         if TASKS[name].matches_model(config):
             return TASKS[name]
     return TASKS["text-classification"]
