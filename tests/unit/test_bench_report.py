@@ -9,7 +9,9 @@ from fine_tune.commands import bench_report as R
 def test_calibration_takes_about_a_second():
     t = time.perf_counter()
     calibration = R.calibrate()
-    assert time.perf_counter() - t < 3.0  # a 2048 x 2048 emulated bf16 product alone takes minutes
+    # bounded by its own time budget (about a second; 10 s leaves room for a busy machine): a
+    # 2048 x 2048 emulated bf16 product alone takes minutes
+    assert time.perf_counter() - t < 10.0
     for precision in ("fp32", "bf16"):
         assert calibration[precision]["flops"] > 1e8 and calibration[precision]["n"] >= 256
 
