@@ -322,7 +322,8 @@ def _prepare(spec: dict, settings: dict, out_dir: str):
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     splits = D.load_raw_splits(cfg)
-    labels = D.infer_labels(splits, cfg)
+    labels = D.infer_labels(splits, cfg)  # from the whole training split, as train.py does
+    splits = D.select_train_samples(splits, cfg)
     tokenized = D.tokenize_splits(splits, tokenizer, cfg, labels)
     model = load_model(cfg, labels, tokenizer)
     return cfg, tokenizer, labels, tokenized["train"], model

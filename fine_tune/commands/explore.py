@@ -222,6 +222,7 @@ def explore(cfg: TrainConfig, split: Optional[str] = None, examples: int = 2,
     for name, ds in splits.items():
         D.check_columns(ds, task.columns_read(cfg), name)
     labels = task.infer_labels(splits, cfg)
+    splits = D.select_train_samples(splits, cfg)  # the rows a run with these options trains on
     tokenizer = tokenizer or load_tokenizer(cfg, task)
     ref = "train" if "train" in splits else next(iter(splits))
     facts: dict = {
