@@ -4,7 +4,7 @@ topology.
 
 The data is prompt -> completion with completions of very uneven lengths (1 to 40 tokens), so
 that a normalisation per micro-batch (or per process) instead of over the step's tokens would
-change the weights far beyond the tolerance (tests/unit/test_causal_lm.py shows by how much).
+change the weights far beyond the tolerance (tests/unit/test_causal_lm_masks.py shows by how much).
 The tokenizer is a GPT-2 style byte-level BPE without a pad token (decoders' usual case).
 """
 
@@ -183,7 +183,7 @@ def test_lora_adapts_the_body_and_leaves_the_lm_head(reference):
 def test_a_packed_run_trains_on_blocks_of_examples(reference):
     """--packing through train.py: the 61 examples become fewer blocks of up to --max_length
     tokens (the start line counts blocks), the run trains, and evaluation (unpacked) reports the
-    same kind of loss. The equality of packed and unpacked losses is tests/unit/test_causal_lm.py's."""
+    same kind of loss. The equality of packed and unpacked losses is tests/unit/test_causal_lm_masks.py's."""
     out = reference["tmp"] / "packed"
     proc = run_train(compared_args(reference["model"], reference["files"], out, per_device_train_batch_size=2,
                                    packing="true", eval_strategy="steps", eval_steps=STEPS))
