@@ -295,6 +295,176 @@ class ClassLabels(Task):
         column = self.label_column_name(cfg)
         return L.checked_labels(ds, column, L.arrow_column(ds, column), None, split)
 
+    def read_labels(self, splits: dict, cfg) -> LabelInfo:
+        raise NotImplementedError
+
+    def label_counts(self, train, cfg, names: list[str]) -> list[int]:
+        """Examples per label in the training rows (for --class_weights balanced)."""
+        raise NotImplementedError
+
+    def resolve_class_weights(self, cfg, names: list[str], train) -> list[float]:
+        """--class_weights as one weight per label (multi-label: each label's pos_weight)."""
+        spec = cfg.class_weight_spec()
+        if spec == "balanced":
+            return L.balanced_class_weights(self.label_counts(train, cfg, names), len(train), self.multi_label, names)
+        if isinstance(spec, list):
+            if len(spec) != len(names):
+                raise UserError(f"--class_weights gives {len(spec)} weights for {len(names)} labels "
+                                f"({', '.join(names)}); give one per label, in that order, or a mapping")
+            return spec
+        unknown = [k for k in spec if k not in names]
+        if unknown:
+            raise UserError(f"--class_weights names label {unknown[0]!r}, which is not one of the labels "
+                            f"({', '.join(names)})")
+        return [spec.get(n, 1.0) for n in names]
+
+    def prepare_split(self, ds, cfg, split: str):
+        """A split made ready to encode, and the keyword arguments of its encoder."""
+        return ds, {}
+
+    def encoder(self, tokenizer, cfg, info: LabelInfo):
+        """``encode(batch, **kwargs)`` for ``Dataset.map(batched=True)``: the model inputs,
+        ``labels``, ``n_units`` (the example's loss units) and ``length`` (its tokens)."""
+        raise NotImplementedError
+
+    def collator_class(self):
+        """transformers' collator that pads this task's examples into a batch."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding
+
+    # ---------------------------------------------------------------- model
+    def tokenizer_kwargs(self, name: str) -> dict:
+        return {}
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    def configure_head(self, config, labels: LabelInfo) -> None:
+        """Set the model config's head: number of labels, their names, the problem type."""
+        config.num_labels = labels.num_labels
+        config.id2label, config.label2id = labels.id2label, labels.label2id
+
+    def peft_type(self):
+        from peft import TaskType
+
+        return getattr(TaskType, self.peft_task_type)
+
+    # ---------------------------------------------------------------- loss and evaluation
+    def example_losses(self, logits, labels, weight, class_weights=None, label_smoothing: float = 0.0):
+        """Per-example loss *sums* (over labelled tokens for token classification, over labels for
+        multi-label), times the example's weight (0 for the sampler's stand-ins).
+
+        The loop sums these and divides by the loss units of the whole optimizer step, over all
+        micro-batches and ranks (the data's ``n_units``), so that accumulation and data parallelism
+        give the gradient of one big batch: examples; labelled tokens for NER; (example, label)
+        pairs for multi-label; with ``class_weights`` for single-label, the weights of the
+        examples' classes. Each is then exactly torch's own mean-reduced loss over the step:
+        ``CrossEntropyLoss(weight=class_weights, label_smoothing=...)`` or
+        ``BCEWithLogitsLoss(pos_weight=class_weights)``. Evaluation calls this without class
+        weights and smoothing.
+        """
+        raise NotImplementedError
+
+    def eval_batch(self, logits, target, accelerator):
+        """One evaluation batch's loss units per example, predictions and targets, ready for
+        ``gather_for_metrics``."""
+        import torch
+
+        return torch.ones(target.shape[0], device=logits.device), logits.argmax(-1), target
+
+    def eval_metrics(self, preds: list, golds: list, labels: LabelInfo, cfg):
+        """The metrics over every gathered batch, and the flat (predictions, references) that
+        the extra --metric metrics score."""
+        raise NotImplementedError
+
+    def loss_metrics(self, loss: float) -> dict:
+        """Metrics that follow from the evaluation's mean loss (a language model's perplexity)."""
+        return {}
+
+    def metric_names(self, label_names=(), extra=()) -> list[str]:
+        """Every metric an evaluation of this task reports: the built-in ones, one per label
+        where the task has them, and the names the extra ``--metric`` metrics return."""
+        names = list(self.metrics) + self.label_metric_names(label_names)
+        return names + [n for n in extra if n not in names]
+
+    def label_metric_names(self, label_names) -> list[str]:
+        return []
+
+    # ---------------------------------------------------------------- fine-tune predict
+    def text_input(self, text: str):
+        """A --text as the model reads it."""
+        return text
+
+    def prediction(self, logits, enc, row: int, text):
+        """Row ``row`` of a batch's (float) logits as this task's prediction."""
+        raise NotImplementedError
+
+    def show(self, text: str, pred, id2label: dict, args) -> str:
+        """The line(s) predict prints for a --text."""
+        raise NotImplementedError
+
+    def record(self, pred, text, id2label: dict, args) -> dict:
+        """One row of predict's jsonl output."""
+        raise NotImplementedError
+
+    def gold_labels(self, ds, args) -> list:
+        """A --file's labels."""
+        return ds[self.label_column_name(args)]
+
+    def score(self, preds: list, gold: list, id2label: dict, threshold: float = 0.5) -> dict:
+        """Metrics of predictions against a file's labels (what predict prints besides)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- fine-tune explore
+    def explore_encode(self, tokenizer, batch: dict, cfg):
+        """A batch of rows tokenized without truncation (explore measures the lengths)."""
+        texts = ["" if t is None else str(t) for t in batch[cfg.text_column]]
+        pairs = (["" if t is None else str(t) for t in batch[cfg.text_pair_column]]
+                 if cfg.text_pair_column else None)
+        return tokenizer(texts, pairs, truncation=False)
+
+
+class TextInput:
+    """Tasks whose input is a text (or a text pair) per example: encoding the texts is shared,
+    the labels are the task's (:meth:`label_encoder`)."""
+
+    def encoder(self, tokenizer, cfg, info: LabelInfo):
+        pad_to_max = cfg.padding == "max_length"
+        add_labels = self.label_encoder(cfg, info)
+
+        def encode_text(batch, class_label=None):
+            texts = batch[cfg.text_column]
+            pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+            texts = ["" if t is None else str(t) for t in texts]
+            if pairs is not None:
+                pairs = ["" if t is None else str(t) for t in pairs]
+            enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length,
+                            padding="max_length" if pad_to_max else False)
+            add_labels(enc, batch, class_label)
+            enc["length"] = [sum(m) for m in enc["attention_mask"]]
+            return enc
+
+        return encode_text
+
+    def label_encoder(self, cfg, info: LabelInfo):
+        """``add(enc, batch, class_label)``: set ``labels`` and ``n_units`` of an encoded batch."""
+        raise NotImplementedError
+
+
+class ClassLabels(Task):
+    """Tasks with one class per example (or per word): the label set read from a label column,
+    every label checked against it, and a cross-entropy loss."""
+
+    def label_column(self, ds, cfg, split: str):
+        """The labels of a split as one flat pyarrow array and, per value, its row (None: value
+        i is row i); ClassLabel ids are turned into their names. Missing labels and ids out of
+        range are errors naming the row."""
+        column = self.label_column_name(cfg)
+        return L.checked_labels(ds, column, L.arrow_column(ds, column), None, split)
+
     def label_values(self, ds, cfg, split: str) -> list:
         """Each row's labels as they are in the data (a list per row for token classification),
         ClassLabel ids turned into their names (for commands that show labels row by row)."""
