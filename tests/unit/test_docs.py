@@ -20,7 +20,7 @@ OTHER_TOOLS = {
                           "--deepspeed_multinode_launcher", "--deepspeed_config_file"},
     "sbatch, srun, scancel": {"--gpus-per-node", "--job-name", "--ntasks-per-node", "--open-mode", "--requeue",
                               "--signal", "--wckey", "--unbuffered", "--kill-on-bad-exit", "--batch"},
-    "pytest": {"--durations"},
+    "pytest": {"--durations", "--dist"},  # --dist: pytest-xdist
     "pip": {"--index-url"},
     "tensorboard": {"--logdir"},
     # not a tool: the misspelling whose error message the docs show
