@@ -132,9 +132,10 @@ def test_the_sources_name_what_this_test_checks():
 @pytest.mark.parametrize("name", sorted(NAMED["module"]))
 def test_every_named_module_imports(name):
     try:
-        resolve(name)
+        found = resolve(name)
     except (ImportError, AttributeError) as e:
         pytest.fail(f"{name} (named in {', '.join(sorted(NAMED['module'][name]))}): {e}")
+    assert found is not None, name
 
 
 @pytest.mark.parametrize("name", sorted(NAMED["command"]))
